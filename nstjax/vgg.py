@@ -1,0 +1,137 @@
+"""VGG-19 feature extractor as a Flax module and a pure function.
+
+Layer names follow the paper and jcjohnson/neural-style: ``conv1_1, relu1_1, conv1_2, relu1_2,
+pool1, ..., conv5_4, relu5_4, pool5``. ``convX_Y`` is the convolution's output before the ReLU and
+``reluX_Y`` after it. (In the authors' Caffe code the ReLU ran in place, so the paper's "conv4_2" is
+the rectified response, our ``relu4_2``.)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nstjax.errors import ConfigError
+
+BLOCKS = (2, 2, 4, 4, 4)  # convs per block
+CHANNELS = (64, 128, 256, 512, 512)
+# The Caffe VGG models expect BGR pixels in 0..255 minus these means (in BGR order).
+BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+def _layer_names() -> tuple[str, ...]:
+    names = []
+    for b, n in enumerate(BLOCKS, start=1):
+        for i in range(1, n + 1):
+            names += [f"conv{b}_{i}", f"relu{b}_{i}"]
+        names.append(f"pool{b}")
+    return tuple(names)
+
+
+LAYERS: tuple[str, ...] = _layer_names()
+LAYER_INDEX = {name: i for i, name in enumerate(LAYERS)}
+
+
+def layer_channels(layer: str) -> int:
+    return CHANNELS[int(layer[4] if layer.startswith("pool") else layer[4]) - 1]
+
+
+def layer_stride(layer: str) -> int:
+    """Downsampling factor of ``layer``'s activations relative to the input."""
+    block = int(layer[4])
+    return 2 ** (block - 1) * (2 if layer.startswith("pool") else 1)
+
+
+def check_layers(layers: Iterable[str], what: str = "layer") -> tuple[str, ...]:
+    layers = tuple(layers)
+    for layer in layers:
+        if layer not in LAYER_INDEX:
+            raise ConfigError(f"unknown {what} {layer!r}; valid layers: {', '.join(LAYERS)}")
+    return layers
+
+
+def deepest(layers: Iterable[str]) -> str:
+    return max(layers, key=LAYER_INDEX.__getitem__)
+
+
+def preprocess(image: jax.Array) -> jax.Array:
+    """RGB in [0, 255] -> BGR with the Caffe means subtracted."""
+    return image[..., ::-1] - jnp.asarray(BGR_MEANS, image.dtype)
+
+
+class VGG19(nn.Module):
+    """VGG-19 conv stack on NHWC BGR mean-subtracted input, stopping at ``last_layer``.
+
+    Returns a dict with the activations of every layer in ``outputs``.
+    """
+
+    outputs: Sequence[str]
+    pooling: str = "max"
+    precision: jax.lax.Precision | None = None
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        wanted = set(self.outputs)
+        last = LAYER_INDEX[deepest(self.outputs)]
+        out = {}
+        for name in LAYERS[: last + 1]:
+            kind = name[:4]
+            if kind == "conv":
+                x = nn.Conv(layer_channels(name), (3, 3), padding=((1, 1), (1, 1)), name=name,
+                            precision=self.precision, dtype=self.dtype)(x)
+            elif kind == "relu":
+                x = nn.relu(x)
+            elif self.pooling == "max":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            else:
+                x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+            if name in wanted:
+                out[name] = x
+        return out
+
+
+def check_pooling(pooling: str) -> str:
+    if pooling not in ("max", "avg"):
+        raise ConfigError(f"pooling must be 'max' or 'avg', not {pooling!r}")
+    return pooling
+
+
+@partial(jax.jit, static_argnames=("layers", "pooling", "precision"))
+def _features(params, image, layers, pooling, precision):
+    x = preprocess(image.astype(jnp.float32))
+    return VGG19(outputs=layers, pooling=pooling, precision=precision).apply(params, x)
+
+
+def apply_features(params, image, layers: Sequence[str], pooling: str = "max", precision=None):
+    """Un-jitted feature extraction for use inside other transformed functions."""
+    x = preprocess(image)
+    return VGG19(outputs=tuple(layers), pooling=pooling, precision=precision).apply(params, x)
+
+
+def features(params, image, layers: Iterable[str], pooling: str = "max", precision=None) -> dict:
+    """VGG-19 activations of ``image`` at ``layers``.
+
+    Args:
+      params: Flax params from :func:`nstjax.load_vgg19`.
+      image: RGB pixels in [0, 255], shape (H, W, 3) or (N, H, W, 3).
+      layers: layer names, e.g. ``["relu1_1", "relu4_2"]``.
+      pooling: ``"max"`` or ``"avg"``.
+    Returns:
+      dict from layer name to NHWC activations (a batch axis is always present).
+    """
+    layers = check_layers(layers)
+    if not layers:
+        raise ConfigError("features() needs at least one layer")
+    check_pooling(pooling)
+    image = jnp.asarray(image)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[-1] != 3:
+        raise ValueError(f"image must have shape (H, W, 3) or (N, H, W, 3), not {image.shape}")
+    return _features(params, image, tuple(sorted(set(layers), key=LAYER_INDEX.__getitem__)), pooling,
+                     precision)

