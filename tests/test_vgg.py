@@ -1,0 +1,85 @@
+"""The VGG-19 feature extractor: names, shapes, preprocessing, and numbers against plain numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nstjax import features
+from nstjax.errors import ConfigError
+from nstjax.vgg import BGR_MEANS, LAYERS
+
+
+def test_layer_names_follow_the_paper():
+    assert len(LAYERS) == 16 * 2 + 5
+    assert LAYERS[:5] == ("conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1")
+    assert LAYERS[-3:] == ("conv5_4", "relu5_4", "pool5")
+    assert "relu4_2" in LAYERS and "conv3_4" in LAYERS and "conv2_3" not in LAYERS
+
+
+@pytest.mark.parametrize("layer,shape", [
+    ("conv1_1", (1, 64, 96, 64)), ("pool1", (1, 32, 48, 64)), ("relu2_1", (1, 32, 48, 128)),
+    ("relu3_1", (1, 16, 24, 256)), ("conv4_2", (1, 8, 12, 512)), ("relu5_1", (1, 4, 6, 512)),
+    ("pool5", (1, 2, 3, 512)),
+])
+def test_shapes(params, layer, shape):
+    img = np.random.default_rng(0).uniform(0, 255, (64, 96, 3)).astype(np.float32)
+    out = features(params, img, [layer])
+    assert set(out) == {layer}
+    assert out[layer].shape == shape
+
+
+def test_batch_and_single_image_agree(params, tubingen):
+    one = features(params, tubingen, ["relu2_1"])["relu2_1"]
+    two = features(params, np.stack([tubingen, tubingen[::-1]]), ["relu2_1"])["relu2_1"]
+    assert two.shape[0] == 2
+    np.testing.assert_allclose(two[0], one[0], rtol=1e-5, atol=1e-3)
+    assert not np.allclose(two[1], one[0])
+
+
+def test_unknown_layer_lists_valid_ones(params, tubingen):
+    with pytest.raises(ConfigError, match="unknown layer 'relu4_5'.*conv1_1.*pool5"):
+        features(params, tubingen, ["relu4_5"])
+
+
+def test_pooling_kinds_differ_and_bad_kind_refused(params, tubingen):
+    mx = features(params, tubingen, ["relu2_1"], pooling="max")["relu2_1"]
+    av = features(params, tubingen, ["relu2_1"], pooling="avg")["relu2_1"]
+    assert not np.allclose(mx, av)
+    with pytest.raises(ConfigError, match="pooling"):
+        features(params, tubingen, ["relu2_1"], pooling="median")
+
+
+def _np_conv3x3(x, kernel, bias):
+    """Plain numpy 3x3 'same' cross-correlation: x (H, W, Cin), kernel HWIO."""
+    h, w, _ = x.shape
+    xp = np.pad(x, ((1, 1), (1, 1), (0, 0)))
+    out = np.zeros((h, w, kernel.shape[-1]), np.float64)
+    for dy in range(3):
+        for dx in range(3):
+            out += xp[dy:dy + h, dx:dx + w] @ kernel[dy, dx].astype(np.float64)
+    return out + bias
+
+
+def test_against_numpy_reference(params, tubingen):
+    """Preprocessing (RGB->BGR, Caffe means), kernel layout and pooling, computed by hand."""
+    img = tubingen[:16, :24].astype(np.float64)
+    p = {k: {n: np.asarray(a) for n, a in v.items()} for k, v in params["params"].items()}
+    x = img[..., ::-1] - np.asarray(BGR_MEANS)
+    c11 = _np_conv3x3(x, p["conv1_1"]["kernel"], p["conv1_1"]["bias"])
+    r12 = np.maximum(_np_conv3x3(np.maximum(c11, 0), p["conv1_2"]["kernel"], p["conv1_2"]["bias"]), 0)
+    pool = r12.reshape(8, 2, 12, 2, 64).max(axis=(1, 3))
+    r21 = np.maximum(_np_conv3x3(pool, p["conv2_1"]["kernel"], p["conv2_1"]["bias"]), 0)
+    out = features(params, img.astype(np.float32), ["conv1_1", "relu2_1"])
+    for ours, ref in ((out["conv1_1"][0], c11), (out["relu2_1"][0], r21)):
+        err = np.linalg.norm(np.asarray(ours, np.float64) - ref) / np.linalg.norm(ref)
+        assert err < 1e-5
+
+
+def test_activations_are_those_of_a_trained_network(params, tubingen):
+    """A trained VGG responds sparsely after ReLU and far more strongly to a photo than to flat gray."""
+    out = features(params, tubingen, ["relu3_1"])["relu3_1"]
+    gray = features(params, np.full_like(tubingen, 128.0), ["relu3_1"])["relu3_1"]
+    zeros = float((np.asarray(out) == 0).mean())
+    assert 0.3 < zeros < 0.98
+    assert float(np.abs(out).mean()) > 3 * float(np.abs(gray).mean())
