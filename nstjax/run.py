@@ -202,6 +202,26 @@ def check_workdir(workdir: Path, overwrite: bool) -> None:
             (workdir / f).unlink(missing_ok=True)
 
 
+def build_manifest(cfg: ml_collections.ConfigDict, problem: Problem, summary: dict, timing: dict) -> dict:
+    """The record of a finished (or stopped) run: enough to re-run it and to trust its numbers."""
+    spec = problem.spec
+    return {
+        "status": "finished" if summary["bad_terms"] is None else "stopped: non-finite loss",
+        "seed": spec.seed,
+        "config": cfg.to_dict(),
+        "weights": dataclasses.asdict(problem.weights_info) if problem.weights_info else None,
+        "images": {
+            "content": {"path": spec.content, "shape": list(problem.content.shape)},
+            "styles": [{"path": p, "shape": list(s.shape)} for p, s in zip(spec.styles, problem.styles)],
+            "output": list(problem.content.shape),
+        },
+        "steps": summary["steps_done"],
+        "final": summary["final_terms"],
+        "timing": timing,
+        "environment": records.environment(),
+    }
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite: bool = False,
         params=None, weights_info: WeightsInfo | None = None) -> dict:
     """Runs one style transfer as configured, writing the workdir's files. Returns the summary."""
@@ -221,22 +241,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
         log.close()
     images.save_png(workdir / "final.png", summary["image"])
     wall = time.time() - t_start
-    manifest = {
-        "status": "finished" if summary["bad_terms"] is None else "stopped: non-finite loss",
-        "seed": spec.seed,
-        "config": cfg.to_dict(),
-        "weights": dataclasses.asdict(problem.weights_info) if problem.weights_info else None,
-        "images": {
-            "content": {"path": spec.content, "shape": list(problem.content.shape)},
-            "styles": [{"path": p, "shape": list(s.shape)} for p, s in zip(spec.styles, problem.styles)],
-            "output": list(problem.content.shape),
-        },
-        "steps": summary["steps_done"],
-        "final": summary["final_terms"],
-        "timing": {"wall_s": wall, "setup_s": t_opt - t_start, "optimise_s": time.time() - t_opt,
-                   "first_chunk_s": summary["first_step_s"]},
-        "environment": records.environment(),
-    }
+    manifest = build_manifest(cfg, problem, summary, timing={
+        "wall_s": wall, "setup_s": t_opt - t_start, "optimise_s": time.time() - t_opt,
+        "first_chunk_s": summary["first_step_s"]})
     records.write_json(workdir / "manifest.json", manifest)
     if summary["bad_terms"] is not None:
         raise UserError(describe_bad_terms(summary["bad_terms"], summary["steps_done"])
