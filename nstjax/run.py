@@ -65,6 +65,15 @@ def check_size_for_layers(shape: tuple[int, int], layers, what: str) -> None:
                         f"(needs at least {stride}x{stride}); use a larger size")
 
 
+def style_size(width: int, height: int, output: tuple[int, int], spec: RunSpec) -> tuple[int, int]:
+    """(width, height) of a style image for an output of size ``output`` = (width, height)."""
+    if spec.style_resize == "pixels":  # pastiche: the output's pixel count, times style_scale^2
+        pixels = output[0] * output[1] * spec.style_scale ** 2
+        h = max(1, round(math.sqrt(pixels * height / width)))
+        return max(1, round(width / height * h)), h
+    return images.fit_size(width, height, max(1, round(max(output) * spec.style_scale)))
+
+
 def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = None,
                  weights_path: str = "") -> Problem:
     if params is None:
@@ -75,10 +84,9 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
     content = images.to_array(content_pil, (cw, ch))
     check_size_for_layers((ch, cw), obj.layers, "the output image")
     styles = []
-    style_side = max(1, round(max(cw, ch) * spec.style_scale))
     for path in spec.styles:
         pil = images.load_pil(path)
-        arr = images.to_array(pil, images.fit_size(pil.width, pil.height, style_side))
+        arr = images.to_array(pil, style_size(pil.width, pil.height, (cw, ch), spec))
         check_size_for_layers(arr.shape[:2], obj.style_layers, f"style image {path}")
         styles.append(arr)
     targets = compute_targets(params, obj, content, styles, spec.style_blend or None, spec.precision)
