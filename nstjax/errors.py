@@ -20,3 +20,17 @@ class ImageError(UserError):
 
 class ConfigError(UserError):
     """A config value is invalid."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped early by SIGINT or SIGTERM after saving what it had (not a user error: the CLI
+    exits with ``128 + signum``, the shell convention, 130 for SIGINT and 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.signum = signum
+        self.step = step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
