@@ -62,6 +62,7 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{p}: cannot open ({e.strerror or e})") from None
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 if im.width * im.height > MAX_PIXELS:
