@@ -520,3 +520,51 @@ def test_non_finite_loss_stops_at_once_keeping_image_and_checkpoint(tmp_path, im
     assert (wd / "final.png").is_file()
     steps = [r["step"] for r in records.read_metrics(wd / "metrics.jsonl")]
     assert steps == [0, 5, 10]
+
+
+# --------------------------------------------------------------------------------------------
+# Signals
+
+
+def test_stop_signals_set_a_flag_and_a_second_one_stops_at_once():
+    import signal
+
+    from nstjax.run import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    messages = []
+    with pytest.raises(KeyboardInterrupt):
+        with StopSignals(log=messages.append) as stop:
+            assert not stop()
+            signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: a flag, no exception
+            assert stop() and stop.signum == signal.SIGINT
+            signal.raise_signal(signal.SIGINT)  # the second: the old handler, KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is before
+    assert "stopping after the current chunk" in messages[0] and "second SIGINT" in messages[1]
+
+
+def test_sigterm_during_setup_checkpoints_step_0_exits_143_and_resumes(tmp_path, image_dir, capsys, monkeypatch):
+    import signal
+
+    import nstjax.run as R
+
+    real = R.load_problem
+
+    def then_sigterm(*a, **k):
+        problem = real(*a, **k)
+        signal.raise_signal(signal.SIGTERM)
+        return problem
+
+    monkeypatch.setattr(R, "load_problem", then_sigterm)
+    wd = tmp_path / "w"
+    argv = _argv(image_dir, wd, "--config.size=32", "--config.style_layers=('relu1_1',)")
+    assert main(argv) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 0 of 4" in err and "run the same command again to resume" in err
+    assert (wd / "checkpoints" / "0").is_dir()
+    assert json.loads((wd / "manifest.json").read_text())["status"] == "interrupted at step 0 (SIGTERM)"
+    monkeypatch.setattr(R, "load_problem", real)
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "from its checkpoint at step 0" in out.err and "resumed from step 0" in out.out
+    assert json.loads((wd / "manifest.json").read_text())["status"] == "finished"
