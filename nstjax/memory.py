@@ -1,0 +1,195 @@
+"""How much memory a run needs, and whether it fits: refuse a size that cannot fit before trying.
+
+:func:`estimate_bytes` predicts the peak memory of a run from its sizes alone (pure; no JAX):
+
+- the VGG-19 activations of the output image up to the deepest requested layer, which the backward
+  pass keeps: ``act_bytes_per_pixel(layers)`` (4 bytes per float, each conv and pool output of
+  ``C`` channels at stride ``s`` costing ``C / s**2`` floats per input pixel: 1,280 bytes up to
+  ``relu5_1``), times ``FIXED_FACTOR + PER_STEP_FACTOR * chunk_steps``. The per-step part is real:
+  XLA:CPU keeps buffers of every step of an unrolled chunk alive (measured peak RSS at 256 px,
+  ``relu5_1``: 1.10 GB with 2-step chunks, 1.43 GB with 5, 1.97 GB with 10; linear in pixels:
+  1.17 / 1.97 / 3.31 GB at 128 / 256 / 384 px with 10-step chunks);
+- the optimiser state: L-BFGS keeps ``2 * memory_size`` images of curvature pairs plus a few,
+  Adam two moments;
+- computing the targets: a forward pass over each style image at its own size;
+- a fixed base: the JAX runtime, the compiler and the weights (``BASE_BYTES``: about 0.8 GB of
+  RSS on CPU).
+
+The factors were measured on CPU; on GPUs XLA's scheduler frees buffers sooner, so the estimate errs
+on the generous side there. :func:`largest_size_that_fits` inverts the estimate; :func:`available_bytes`
+asks the machine; :func:`check_fits` is what a run calls (set ``NSTJAX_MEMORY_CHECK=0`` to skip it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable, Sequence
+
+from nstjax import vgg
+from nstjax.errors import UserError
+
+FLOAT_BYTES = 4
+BASE_BYTES = {"cpu": 800 * 2**20, "gpu": 300 * 2**20, "other": 300 * 2**20}
+FIXED_FACTOR = 1.5  # activation copies independent of the chunk length (fit: 1.35)
+PER_STEP_FACTOR = 1.8  # activation copies per unrolled step of a chunk (fit: 1.73)
+TARGET_FACTOR = 1.5  # forward pass only, for the style targets
+OPT_IMAGES = {"lbfgs": lambda m: 2 * m + 4, "lbfgs_zoom": lambda m: 2 * m + 8, "adam": lambda m: 5}
+
+
+def act_bytes_per_pixel(layers: Iterable[str]) -> float:
+    """Bytes of VGG-19 activations per input pixel, through the deepest of ``layers``."""
+    layers = tuple(layers)
+    if not layers:
+        return 0.0
+    last = vgg.LAYER_INDEX[vgg.deepest(layers)]
+    floats = 0.0
+    for name in vgg.LAYERS[:last + 1]:
+        if name.startswith(("conv", "pool")):  # a ReLU shares its conv's buffer
+            floats += vgg.layer_channels(name) / vgg.layer_stride(name) ** 2
+    return floats * FLOAT_BYTES
+
+
+def estimate_bytes(height: int, width: int, layers: Iterable[str], optimizer: str = "lbfgs", *,
+                   memory_size: int = 10, chunk_steps: int = 10,
+                   style_shapes: Sequence[tuple[int, int]] = (), platform: str = "cpu") -> float:
+    """Predicted peak bytes of a run with an output of ``height`` x ``width`` pixels.
+
+    ``layers``: every content and style layer; ``chunk_steps``: steps per compiled chunk
+    (:func:`nstjax.run.chunk_length`, at most ``steps``); ``style_shapes``: (height, width) of each
+    style image as used. Returns a float (it may be astronomically large; never overflows).
+    """
+    layers = tuple(layers)
+    act = act_bytes_per_pixel(layers)
+    pixels = float(height) * float(width)
+    n = max(1, chunk_steps)
+    per_image = 3 * FLOAT_BYTES * pixels
+    opt = OPT_IMAGES.get(optimizer, OPT_IMAGES["lbfgs"])(memory_size) * per_image
+    optimise = pixels * act * (FIXED_FACTOR + PER_STEP_FACTOR * n) + opt
+    targets = max([float(h) * float(w) * act * TARGET_FACTOR for h, w in style_shapes]
+                  + [pixels * act * TARGET_FACTOR])
+    base = BASE_BYTES.get(platform, BASE_BYTES["other"])
+    return base + max(optimise, targets + per_image)
+
+
+def largest_size_that_fits(aspect: float, layers: Iterable[str], available: float, *,
+                           style_scale: float = 1.0, n_styles: int = 1, **kwargs) -> int:
+    """The largest longer side (pixels) whose run fits in ``available`` bytes; 0 if none does.
+
+    ``aspect`` is the output's width / height; style images are taken as squares of side
+    ``style_scale`` times the longer side (the worst case). ``kwargs`` go to :func:`estimate_bytes`.
+    """
+    layers = tuple(layers)
+
+    def fits(side: int) -> bool:
+        w, h = (side, max(1, round(side / aspect))) if aspect >= 1 else (max(1, round(side * aspect)), side)
+        s = max(1, round(side * style_scale))
+        return estimate_bytes(h, w, layers, style_shapes=[(s, s)] * n_styles, **kwargs) <= available
+
+    lo, hi = 0, 1
+    while hi < 2**24 and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi >= 2**24:
+        return lo
+    while hi - lo > 1:  # fits(lo) or lo == 0; not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _meminfo_available() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cgroup_available() -> float | None:
+    """Room left under a cgroup memory limit (containers), if there is one."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = float(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or float(limit) >= 2**60:
+            return None
+        return max(0.0, float(limit) - usage)
+    return None
+
+
+def _own_rss() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def available_bytes(device=None) -> tuple[float | None, str]:
+    """(bytes a run could still use, platform) for ``device`` (default: JAX's first device).
+
+    On CPU: this process's resident memory plus what the system could give it (``MemAvailable``,
+    capped by a cgroup limit; physical memory where neither is known). On an accelerator: the
+    device's ``bytes_limit`` less ``bytes_in_use``. ``None`` when the device does not say.
+    """
+    import jax
+
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        room = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
+        if not room:
+            try:
+                room = [float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))]
+            except (OSError, ValueError):
+                return None, "cpu"
+        return min(room) + _own_rss(), "cpu"
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # some backends do not implement it
+        stats = {}
+    if "bytes_limit" not in stats:
+        return None, "gpu" if device.platform == "gpu" else "other"
+    platform = "gpu" if device.platform in ("gpu", "cuda", "rocm") else "other"
+    return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), platform
+
+
+def format_bytes(n: float) -> str:
+    if not math.isfinite(n) or n >= 1e18:
+        return "an astronomical amount"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.0f} kB"
+
+
+def check_fits(height: int, width: int, layers: Sequence[str], optimizer: str = "lbfgs", *,
+               memory_size: int = 10, chunk_steps: int = 10,
+               style_shapes: Sequence[tuple[int, int]] = (), style_scale: float = 1.0) -> None:
+    """Raises a one-line :class:`UserError` naming the largest size that fits when a run of these
+    sizes would not fit in memory. Skipped when ``NSTJAX_MEMORY_CHECK=0``."""
+    if os.environ.get("NSTJAX_MEMORY_CHECK", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    available, platform = available_bytes()
+    if available is None:
+        return
+    kw = dict(optimizer=optimizer, memory_size=memory_size, chunk_steps=chunk_steps, platform=platform)
+    need = estimate_bytes(height, width, layers, style_shapes=style_shapes, **kw)
+    if need <= available:
+        return
+    best = largest_size_that_fits(width / height, layers, available, style_scale=style_scale,
+                                  n_styles=len(style_shapes), **kw)
+    where = "this machine" if platform == "cpu" else "the accelerator"
+    advice = (f"the largest --config.size that fits is about {best}" if best
+              else "no size fits; lower --config.optimizer.memory_size or --config.chunk")
+    raise UserError(f"a {width}x{height} output needs about {format_bytes(need)} of memory but "
+                    f"{where} has about {format_bytes(available)} available; {advice} "
+                    "(set NSTJAX_MEMORY_CHECK=0 to try anyway)")
