@@ -84,12 +84,15 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
     targets = compute_targets(params, obj, content, styles, spec.style_blend or None, spec.precision)
     weights = objective_weights(obj, spec.content_weight, spec.style_weight, spec.tv_weight,
                                 spec.content_layer_weights or None, spec.style_layer_weights or None)
-    rng = jax.random.PRNGKey(spec.seed)
-    if spec.init in INITS:
-        image = init_image(spec.init, rng, content, styles[0] if styles else None)
-    else:
-        image = jnp.asarray(images.load_image_to_shape(spec.init, content.shape[:2]))
+    image = initial_image(spec, content, styles)
     return Problem(spec, params, weights_info, content, styles, targets, weights, image)
+
+
+def initial_image(spec: RunSpec, content: np.ndarray, styles: list[np.ndarray]) -> jax.Array:
+    """The image a run starts from (``spec.init``, seeded by ``spec.seed``); sweeps use it per point."""
+    if spec.init in INITS:
+        return init_image(spec.init, jax.random.PRNGKey(spec.seed), content, styles[0] if styles else None)
+    return jnp.asarray(images.load_image_to_shape(spec.init, content.shape[:2]))
 
 
 def chunk_length(spec: RunSpec) -> int:
