@@ -60,6 +60,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.chunk = 10  # most steps compiled into one program between host callbacks
     c.weights_path = ""  # a VGG-19 weights file; empty = $NSTJAX_WEIGHTS or the cache
     c.progress = True
+    # Sweeps (nstjax/sweep.py, docs/sweeps.md): many runs as one compiled program per batch of
+    # points that share image shapes. Empty axes and points = a single run.
+    c.sweep = ml_collections.ConfigDict({
+        # ((field, (value, ...)), ...): the product of these axes; fields may be dotted paths
+        # ("optimizer.learning_rate"). Pairs rather than a dict: ConfigDict sorts keys, refuses dots.
+        "axes": (),
+        "points": (),  # ({field: value, ...}, ...): explicit points (each times the axes' product)
+        "grid": ("", ""),  # swept fields for grid.png's rows and columns; "" = the first ones
+        "max_batch": 0,  # most points per compiled batch (rounded to the devices); 0 = what fits
+        "memory_gb": 0.0,  # memory per device to plan batches with; 0 = what the device reports
+        "distributed": False,  # call jax.distributed.initialize(): one sweep over several hosts
+    })
     return c
 
 
