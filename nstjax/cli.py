@@ -1,6 +1,11 @@
 """The ``nstjax`` command.
 
     nstjax --workdir=DIR [--config=configs/X.py] [--config.FIELD=VALUE ...] [--overwrite]
+    nstjax --config=configs/ablation_style_layers.py [--workdir=DIR] --dry_run
+
+A config whose ``sweep`` is not empty runs as a sweep (nstjax/sweep.py, docs/sweeps.md): every
+point in DIR/points/, summary.csv, grid.png and loss_curves.png in DIR; started again on the same
+DIR it runs only the points not yet done. ``--dry_run`` lists the points and their batches.
 
 With no ``--config`` it runs the built-in default (``configs/default.py``'s settings) on the
 built-in image pair. Anything the user got wrong ends with one line on stderr,
@@ -31,6 +36,8 @@ def make_flags(argv: list[str]) -> flags.FlagValues:
         sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace a finished run in --workdir.", flag_values=fv)
+    flags.DEFINE_bool("dry_run", False, "Print a sweep's points and batches; compute nothing.",
+                      flag_values=fv)
     return fv
 
 
@@ -42,8 +49,11 @@ def _fail(message: str) -> int:
 
 def _parse(argv: list[str]):
     for a in argv[1:]:
-        if a.startswith("--config=") and not os.path.isfile(os.path.expanduser(a.split("=", 1)[1])):
-            return None, _fail(f"config file {a.split('=', 1)[1]} does not exist")
+        if not a.startswith("--config="):
+            continue
+        path = a.split("=", 1)[1]  # "file.py:variant" passes "variant" to get_config
+        if not any(os.path.isfile(os.path.expanduser(f)) for f in (path, path.split(":", 1)[0])):
+            return None, _fail(f"config file {path.split(':', 1)[0]} does not exist")
     try:
         fv = make_flags(argv)
         fv(argv)
@@ -54,7 +64,7 @@ def _parse(argv: list[str]):
         return None, _fail(f"unknown config field {str(e).strip(chr(34))}")
     except (OSError, SyntaxError, TypeError, ValueError, ImportError) as e:
         return None, _fail(f"bad --config: {e}")
-    if not fv.workdir:
+    if not fv.workdir and not fv.dry_run:
         return None, _fail("--workdir is required (the directory for the run's outputs)")
     return fv, 0
 
@@ -69,7 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         return code
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from nstjax.run import run  # imports jax: after argument checks, so errors come fast
+    from nstjax import sweep
 
+    if fv.dry_run or sweep.is_sweep(fv.config):
+        try:
+            return sweep.main(fv.config, fv.workdir, overwrite=fv.overwrite, dry_run=fv.dry_run)
+        except UserError as e:
+            return _fail(e)
+        except KeyboardInterrupt:
+            return _fail("interrupted; run the same command again to finish the points not yet done")
     try:
         summary = run(fv.config, fv.workdir, overwrite=fv.overwrite)
     except UserError as e:
