@@ -61,9 +61,10 @@ def wrap(text: str, font, max_width: float) -> list[str]:
         else:
             lines.append(line.rstrip())
             line = tok
-        while _width(font, line) > max_width and len(line) > 1:
-            cut = max(1, max(i for i in range(1, len(line) + 1) if _width(font, line[:i]) <= max_width)
-                      if _width(font, line[:1]) <= max_width else 1)
+        while _width(font, line) > max_width and len(line) > 1:  # a word longer than a line
+            cut = 1
+            while cut < len(line) - 1 and _width(font, line[:cut + 1]) <= max_width:
+                cut += 1
             lines.append(line[:cut])
             line = line[cut:]
     if line.strip() or not lines:

@@ -49,7 +49,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -467,6 +466,15 @@ def plan(sweep: Sweep, points: Sequence[Point], n_devices: int,
     return out
 
 
+def _programs(spec: RunSpec) -> str:
+    from nstjax.run import chunk_length
+
+    n = chunk_length(spec)
+    if spec.steps == 0 or spec.steps % n == 0 or spec.steps < n:
+        return f"one compiled step program ({min(n, spec.steps)} steps each)"
+    return f"two compiled step programs ({n} steps each, then {spec.steps % n})"
+
+
 def describe(sweep: Sweep, batches: Sequence[Batch], done: Sequence[int], n_devices: int,
              platform: str) -> str:
     """The dry-run listing: every point, and how the points to run will be batched."""
@@ -491,7 +499,7 @@ def describe(sweep: Sweep, batches: Sequence[Batch], done: Sequence[int], n_devi
             f"{value_label(b.objective.content_layers)}, style layers {value_label(b.objective.style_layers)}; "
             f"{b.n_chunks} chunk{'s' * (b.n_chunks != 1)} of {b.chunk_size} on {n_devices} "
             f"device{'s' * (n_devices != 1)}" + (f" ({pad} padding)" if pad else "")
-            + f", ~{b.bytes_per_point / 2**20:.0f} MiB per point; one compiled step program"
+            + f", ~{b.bytes_per_point / 2**20:.0f} MiB per point; " + _programs(spec)
             + (f"; split because {b.split_reason}" if b.split_reason else ""))
     if sweep.grid[1]:
         lines.append(f"grid.png: rows {sweep.grid[0] or '-'}, columns {sweep.grid[1]}")
@@ -761,22 +769,19 @@ def _optimise_chunk(ctx: _Context, batch: Batch, pts: list[Point], problem, targ
         final = {key: ctx.devices.host(v) for key, v in
                  ctx.devices.evaluate(ctx.params, targets_r, w, x, obj=obj, precision=spec0.precision).items()}
         x_h = ctx.devices.host(x)
+        out = []
+        for j, p in enumerate(pts):
+            steps_done, bad = stopped[j] if stopped[j] is not None else (step, None)
+            terms = {t: float(final[t][j]) for t in names[j]}
+            if ctx.writer and bad is None:  # as a single run: a last line with the final terms
+                logs[j].write({"step": steps_done, **terms, "elapsed_s": time.time() - t_start,
+                               "steps_per_s": None})
+            out.append((p, {"image": x_h[j], "steps_done": steps_done, "final_terms": terms,
+                            "first_step_s": first_s, "bad_terms": bad}))
     finally:
         bar.close()
         for log in logs:
             log.close()
-    t_end = time.time()
-    out = []
-    for j, p in enumerate(pts):
-        steps_done, bad = stopped[j] if stopped[j] is not None else (step, None)
-        terms = {t: float(final[t][j]) for t in names[j]}
-        if ctx.writer and bad is None:
-            with open(dirs[j] / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(records._jsonable(
-                    {"step": steps_done, **terms, "elapsed_s": t_end - t_start, "steps_per_s": None})) + "\n")
-        summary = {"image": x_h[j], "steps_done": steps_done, "final_terms": terms,
-                   "first_step_s": first_s, "bad_terms": bad}
-        out.append((p, summary))
     wall = time.time() - t_chunk
     results = []
     for j, (p, summary) in enumerate(out):
