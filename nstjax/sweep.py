@@ -870,8 +870,8 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, ove
             targets_r = devs.replicate(problem.targets)
             setup_share = (time.time() - t_b) / len(b.points)
             if b.split_reason:
-                say(f"batch {b.index} does not fit in one go ({b.split_reason}): running its "
-                    f"{len(b.points)} points in {b.n_chunks} chunks of {b.chunk_size}")
+                say(f"batch {b.index} runs its {len(b.points)} points in {b.n_chunks} chunks of "
+                    f"{b.chunk_size}, one compiled program ({b.split_reason})")
             for c, pts in enumerate(b.chunks()):
                 t_c = time.time()
                 results += _optimise_chunk(ctx, b, pts, problem, targets_r, setup_share, t_start)
