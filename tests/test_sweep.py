@@ -309,6 +309,25 @@ def test_a_killed_sweep_resumes_with_the_points_not_yet_done(image_dir, weights,
         sw.run_sweep(other, workdir, params=params, weights_info=info, say=said.append)
 
 
+def test_a_point_whose_loss_blows_up_stops_alone(image_dir, weights, tmp_path):
+    """Same shapes and layers as the 8-point sweep, so the same compiled program: the points with a
+    style weight of 1e38 stop at their first step with the last good image kept, the rest finish."""
+    params, info = weights
+    cfg = small_config(image_dir)
+    cfg.sweep.axes = (("style_layers", SUBSETS), ("style_weight", (1e2, 1e38)))
+    said = []
+    out = sw.run_sweep(cfg, tmp_path / "w", params=params, weights_info=info, say=said.append)
+    status = [r["status"] for r in out["points"]]
+    assert status == ["finished", "stopped: non-finite loss"] * 4
+    blown = out["points"][1]
+    assert blown["steps"] == 0 and sum("point 1 " in m and "non-finite" in m for m in said) == 1
+    rows = list(csv.DictReader((tmp_path / "w" / "summary.csv").open()))
+    assert [r["status"] for r in rows] == status
+    assert (tmp_path / "w" / "grid.png").is_file()
+    m = json.loads((tmp_path / "w" / "points" / out["sweep"].points[1].name / "manifest.json").read_text())
+    assert m["status"].startswith("stopped") and m["steps"] == 0
+
+
 FOUR_DEVICES = textwrap.dedent("""
     import json, shutil, sys
     from pathlib import Path
