@@ -409,7 +409,7 @@ def test_dry_run_lists_points_and_batches_and_computes_nothing(swept, capsys, mo
 
     monkeypatch.chdir(ROOT)  # the example configs name ../shared/images/ relative to the repo
     code = main(["nstjax", "--config=configs/ablation_style_layers.py:quick", "--dry_run",
-                 f"--workdir={tmp_path / 'none'}"])
+                 f"--workdir={tmp_path / 'none'}", "--config.sweep.memory_gb=64"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "sweep: 8 points over style_layers x style_weight" in out
