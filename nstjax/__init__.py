@@ -5,7 +5,8 @@ The public, pure API:
 - :func:`load_vgg19` -> Flax params of the pretrained VGG-19 conv layers;
 - :func:`features` (params, image, layers, pooling) -> dict of activations;
 - :func:`gram`, :func:`content_loss`, :func:`style_loss`, :func:`tv_loss`, :func:`loss_terms`;
-- :func:`run_steps`, the compiled optimisation loop; :func:`run`, a whole run with its files.
+- :func:`run_steps`, the compiled optimisation loop; :func:`run`, a whole run with its files;
+- :func:`run_sweep`, a config's sweep as one compiled program per batch of points.
 """
 
 from nstjax.losses import (Objective, compute_targets, content_loss, gram, loss_terms,
@@ -24,6 +25,13 @@ def run(*args, **kwargs):
     return _run(*args, **kwargs)
 
 
+def run_sweep(*args, **kwargs):
+    """Runs a config's sweep into a workdir; see :func:`nstjax.sweep.run_sweep`."""
+    from nstjax.sweep import run_sweep as _run_sweep
+
+    return _run_sweep(*args, **kwargs)
+
+
 __all__ = ["LAYERS", "Objective", "OptimizerSpec", "compute_targets", "content_loss", "features",
            "gram", "init_image", "load_vgg19", "load_vgg19_with_info", "loss_terms",
-           "objective_weights", "run", "run_steps", "style_loss", "tv_loss"]
+           "objective_weights", "run", "run_steps", "run_sweep", "style_loss", "tv_loss"]

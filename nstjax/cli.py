@@ -2,6 +2,11 @@
 
     nstjax --workdir=DIR [--config=configs/X.py] [--config.FIELD=VALUE ...] [--overwrite]
     nstjax --replay=DIR [--workdir=NEWDIR]
+    nstjax --config=configs/ablation_style_layers.py [--workdir=DIR] --dry_run
+
+A config whose ``sweep`` is not empty runs as a sweep (nstjax/sweep.py, docs/sweeps.md): every
+point in DIR/points/, summary.csv, grid.png and loss_curves.png in DIR; started again on the same
+DIR it runs only the points not yet done. ``--dry_run`` lists the points and their batches.
 
 With no ``--config`` it runs the built-in default (``configs/default.py``'s settings) on the
 built-in image pair. Running again with the same --workdir resumes an unfinished run of the same
@@ -40,6 +45,8 @@ def make_flags(argv: list[str]) -> flags.FlagValues:
                       flag_values=fv)
     flags.DEFINE_string("replay", None, "Re-run the finished run in this workdir from its manifest and "
                         "compare the results.", flag_values=fv)
+    flags.DEFINE_bool("dry_run", False, "Print a sweep's points and batches; compute nothing.",
+                      flag_values=fv)
     return fv
 
 
@@ -51,8 +58,11 @@ def _fail(message: str) -> int:
 
 def _parse(argv: list[str]):
     for a in argv[1:]:
-        if a.startswith("--config=") and not os.path.isfile(os.path.expanduser(a.split("=", 1)[1])):
-            return None, _fail(f"config file {a.split('=', 1)[1]} does not exist")
+        if not a.startswith("--config="):
+            continue
+        path = a.split("=", 1)[1]  # "file.py:variant" passes "variant" to get_config
+        if not any(os.path.isfile(os.path.expanduser(f)) for f in (path, path.split(":", 1)[0])):
+            return None, _fail(f"config file {path.split(':', 1)[0]} does not exist")
     try:
         fv = make_flags(argv)
         fv(argv)
@@ -63,7 +73,7 @@ def _parse(argv: list[str]):
         return None, _fail(f"unknown config field {str(e).strip(chr(34))}")
     except Exception as e:  # the config file is user code: any error in it is the user's to fix
         return None, _fail(f"bad --config: {type(e).__name__}: {e}")
-    if not fv.workdir and not fv.replay:
+    if not fv.workdir and not fv.replay and not fv.dry_run:
         return None, _fail("--workdir is required (the directory for the run's outputs)")
     return fv, 0
 
@@ -96,7 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         return code
     _quiet_libraries()
     from nstjax.run import run  # imports jax: after argument checks, so errors come fast
+    from nstjax import sweep
 
+    if fv.dry_run or sweep.is_sweep(fv.config):
+        try:
+            return sweep.main(fv.config, fv.workdir, overwrite=fv.overwrite, dry_run=fv.dry_run)
+        except UserError as e:
+            return _fail(e)
+        except KeyboardInterrupt:
+            return _fail("interrupted; run the same command again to finish the points not yet done")
     try:
         if fv.replay:
             from nstjax.replay import replay

@@ -66,6 +66,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Checkpoints and resume (docs/robustness.md).
     c.checkpoint_every = 50  # steps between orbax checkpoints in checkpoints/; 0 = none
     c.checkpoint_keep = 2  # newest checkpoints kept
+    # Sweeps (nstjax/sweep.py, docs/sweeps.md): many runs as one compiled program per batch of
+    # points that share image shapes. Empty axes and points = a single run.
+    c.sweep = ml_collections.ConfigDict({
+        # ((field, (value, ...)), ...): the product of these axes; fields may be dotted paths
+        # ("optimizer.learning_rate"). Pairs rather than a dict: ConfigDict sorts keys, refuses dots.
+        "axes": (),
+        "points": (),  # ({field: value, ...}, ...): explicit points (each times the axes' product)
+        "grid": ("", ""),  # swept fields for grid.png's rows and columns; "" = the first ones
+        "max_batch": 0,  # most points per compiled batch (rounded to the devices); 0 = what fits
+        "memory_gb": 0.0,  # memory per device to plan batches with; 0 = what the device reports
+        "distributed": False,  # call jax.distributed.initialize(): one sweep over several hosts
+    })
     return c
 
 

@@ -145,3 +145,42 @@ evaluation, and the image returned is the last good one.
 def evaluate(params, targets, weights, image, *, obj, precision=None) -> dict:
     """All loss terms of ``image`` (no gradient)."""
     return loss_terms(params, image, targets, weights, obj, precision)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched (sweep) variants: many images optimised at once by one program. The VGG params and the
+# targets are shared (not batched); the weights, images and optimiser states carry a leading sweep
+# axis. A sweep over layer subsets or loss weights only changes the *values* of the weights, so
+# every point of a batch runs through the same compiled program (nstjax/sweep.py).
+
+
+def _batched_steps(params, targets, weights, images, opt_states, *, obj, spec, n_steps, precision):
+    def one(w, x, s):
+        return _steps(params, targets, w, x, s, obj=obj, spec=spec, n_steps=n_steps,
+                      precision=precision)
+
+    return jax.vmap(one)(weights, images, opt_states)
+
+
+run_steps_batched = jax.jit(_batched_steps, static_argnames=("obj", "spec", "n_steps", "precision"))
+run_steps_batched.__doc__ = """:func:`run_steps` vmapped over a leading axis of ``weights`` (a pytree
+of arrays shaped (B,)), ``images`` (B, H, W, 3) and ``opt_states``; ``params`` and ``targets`` are
+shared. Every output carries the leading axis: ``terms[k]`` is (B, n_steps), ``done`` and ``ok`` are
+(B,). Each point freezes on its own last good image when its loss stops being finite. To shard the
+batch over devices, jit ``_batched_steps`` with in/out shardings as :mod:`nstjax.sweep` does.
+"""
+
+
+def _init_states_batched(images, *, spec: OptimizerSpec):
+    return jax.vmap(spec.build().init)(images)
+
+
+def _evaluate_batched(params, targets, weights, images, *, obj, precision=None) -> dict:
+    return jax.vmap(lambda w, x: loss_terms(params, x, targets, w, obj, precision))(weights, images)
+
+
+init_states_batched = jax.jit(_init_states_batched, static_argnames=("spec",))
+init_states_batched.__doc__ = """The optimiser states of a batch of images (B, H, W, 3), each as
+:func:`init_state` makes it."""
+evaluate_batched = jax.jit(_evaluate_batched, static_argnames=("obj", "precision"))
+evaluate_batched.__doc__ = """:func:`evaluate` over a batch: every term has a leading axis (B,)."""

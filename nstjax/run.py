@@ -154,6 +154,13 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
                    inputs=inputs)
 
 
+def initial_image(spec: RunSpec, content: np.ndarray, styles: list[np.ndarray]) -> jax.Array:
+    """The image a run starts from (``spec.init``, seeded by ``spec.seed``); sweeps use it per point."""
+    if spec.init in INITS:
+        return init_image(spec.init, jax.random.PRNGKey(spec.seed), content, styles[0] if styles else None)
+    return jnp.asarray(images.load_image_to_shape(spec.init, content.shape[:2]))
+
+
 def chunk_length(spec: RunSpec) -> int:
     """Steps per compiled chunk: divides the log and save intervals, so their steps fall on chunk
     boundaries; all chunks but a last remainder have this length (so at most two compiles).
