@@ -63,6 +63,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.chunk = 10  # most steps compiled into one program between host callbacks
     c.weights_path = ""  # a VGG-19 weights file; empty = $NSTJAX_WEIGHTS or the cache
     c.progress = True
+    # Beyond Gatys 2015 (docs/extensions.md).
+    # Style statistic of the style layers: "gram" (Gatys 2015), "mean_std" (channel means and
+    # standard deviations), "w2" (Wasserstein-2 distance between fitted Gaussians).
+    c.style_stat = "gram"
+    c.hist_layers = ()  # histogram loss layers (Risser et al. 2017), e.g. relu1_1,relu4_1; empty = off
+    c.hist_layer_weights = ()  # one per histogram layer; empty = 1/L each
+    c.hist_weight = 5e2  # weight of the histogram loss (when hist_layers is set)
+    # "none"; "luminance": transfer on luminance only, keeping the content's chroma; "histogram":
+    # match the style's colour mean and covariance to the content's first (Gatys et al. 2016).
+    c.preserve_color = "none"
+    c.color_space = "yiq"  # luminance-only transfer's colour space: "yiq" or "yuv"
+    # Spatial control (Gatys et al. 2017): mask images, comma-separated, one per style image; white
+    # marks the content region that style image paints. Empty = the whole image, styles blended.
+    c.content_masks = ""
+    c.style_masks = ""  # optional masks of the style images (which part of each to take); empty = all
     return c
 
 
@@ -90,6 +105,12 @@ class RunSpec:
     save_every: int
     chunk: int
     precision: Any
+    hist_weight: float = 0.0
+    hist_layer_weights: tuple[float, ...] = ()
+    preserve_color: str = "none"
+    color_space: str = "yiq"
+    content_masks: tuple[str, ...] = ()
+    style_masks: tuple[str, ...] = ()
 
 
 def _number(cfg, name: str, *, positive: bool = False) -> float:
@@ -168,7 +189,7 @@ def validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         raise ConfigError(f"precision must be 'default' or 'highest', not {cfg.precision!r}")
     if not str(cfg.content):
         raise ConfigError("config.content is empty: name a content image")
-    return RunSpec(
+    run_spec = RunSpec(
         objective=obj, optimizer=spec, content=str(cfg.content), styles=styles, style_blend=blend,
         size=_int(cfg, "size", 0), style_scale=_number(cfg, "style_scale", positive=True),
         style_resize=str(cfg.style_resize),
@@ -179,6 +200,48 @@ def validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         chunk=_int(cfg, "chunk", 1),
         precision=None if cfg.precision == "default" else "highest",
     )
+    return _validate_extensions(cfg, run_spec)
+
+
+def _paths(cfg, name: str) -> tuple[str, ...]:
+    value = cfg.get(name, "")
+    if not isinstance(value, str):
+        value = ",".join(str(v) for v in value)
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSpec:
+    """The fields beyond Gatys 2015: style statistic, histogram loss, colour, masks."""
+    from nstjax.color import PRESERVE_COLOR, SPACES
+
+    hist_layers = _layers(cfg, "hist_layers") if "hist_layers" in cfg else ()
+    hlw = _numbers(cfg, "hist_layer_weights") if "hist_layer_weights" in cfg else ()
+    if hlw and len(hlw) != len(hist_layers):
+        raise ConfigError(f"hist_layer_weights has {len(hlw)} weights for {len(hist_layers)} histogram layers")
+    hist_weight = _number(cfg, "hist_weight") if "hist_weight" in cfg else 0.0
+    if hist_layers and not spec.styles:
+        raise ConfigError("histogram layers are set but no style image is given (config.style)")
+    preserve = str(cfg.get("preserve_color", "none"))
+    if preserve not in PRESERVE_COLOR:
+        raise ConfigError(f"preserve_color must be one of {', '.join(PRESERVE_COLOR)}, not {preserve!r}")
+    space = str(cfg.get("color_space", "yiq"))
+    if space not in SPACES:
+        raise ConfigError(f"color_space must be one of {', '.join(SPACES)}, not {space!r}")
+    content_masks, style_masks = _paths(cfg, "content_masks"), _paths(cfg, "style_masks")
+    if content_masks and len(content_masks) != len(spec.styles):
+        raise ConfigError(f"content_masks has {len(content_masks)} masks for {len(spec.styles)} style "
+                          "images (one mask per style image)")
+    if content_masks and spec.style_blend:
+        raise ConfigError("style_blend cannot be combined with content_masks (each mask has its own style)")
+    if style_masks and len(style_masks) != len(spec.styles):
+        raise ConfigError(f"style_masks has {len(style_masks)} masks for {len(spec.styles)} style images")
+    if (content_masks or style_masks) and not (spec.objective.style_layers or hist_layers):
+        raise ConfigError("masks are given but there are no style or histogram layers")
+    obj = dataclasses.replace(spec.objective, style_stat=str(cfg.get("style_stat", "gram")),
+                              hist_layers=hist_layers, regions=len(content_masks))
+    return dataclasses.replace(
+        spec, objective=obj, hist_weight=hist_weight, hist_layer_weights=hlw, preserve_color=preserve,
+        color_space=space, content_masks=content_masks, style_masks=style_masks)
 
 
 def get_config() -> ml_collections.ConfigDict:

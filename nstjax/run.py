@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nstjax import images, records, vgg
+from nstjax import color, images, masks, records, vgg
 from nstjax.config import RunSpec, validate
 from nstjax.errors import ConfigError, UserError
 from nstjax.losses import compute_targets, objective_weights
@@ -51,6 +51,14 @@ class Problem:
     targets: dict
     weights: dict
     image: jax.Array  # the initial image
+    # The content as loaded, when the transfer runs on a transformed one (luminance-only transfer).
+    original_content: np.ndarray | None = None
+
+    def output(self, image) -> np.ndarray:
+        """The result for an optimised ``image``: under luminance-only transfer its luminance with
+        the content's chroma, otherwise the image itself."""
+        original = self.content if self.original_content is None else self.original_content
+        return color.finish(self.spec.preserve_color, np.asarray(image), original, self.spec.color_space)
 
 
 def check_size_for_layers(shape: tuple[int, int], layers, what: str) -> None:
@@ -87,17 +95,29 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
     for path in spec.styles:
         pil = images.load_pil(path)
         arr = images.to_array(pil, style_size(pil.width, pil.height, (cw, ch), spec))
-        check_size_for_layers(arr.shape[:2], obj.style_layers, f"style image {path}")
+        check_size_for_layers(arr.shape[:2], obj.style_layers + obj.hist_layers, f"style image {path}")
         styles.append(arr)
-    targets = compute_targets(params, obj, content, styles, spec.style_blend or None, spec.precision)
+    original = content
+    content, styles = color.prepare(spec.preserve_color, content, styles, spec.color_space)
+    content_masks = [masks.load_mask(p, (cw, ch)) for p in spec.content_masks] or None
+    style_masks = [masks.load_mask(p, (s.shape[1], s.shape[0]))
+                   for p, s in zip(spec.style_masks, styles)] or None
+    targets = compute_targets(params, obj, content, styles, spec.style_blend or None, spec.precision,
+                              content_masks=content_masks, style_masks=style_masks)
     weights = objective_weights(obj, spec.content_weight, spec.style_weight, spec.tv_weight,
-                                spec.content_layer_weights or None, spec.style_layer_weights or None)
+                                spec.content_layer_weights or None, spec.style_layer_weights or None,
+                                hist_weight=spec.hist_weight,
+                                hist_layer_weights=spec.hist_layer_weights or None)
     rng = jax.random.PRNGKey(spec.seed)
     if spec.init in INITS:
         image = init_image(spec.init, rng, content, styles[0] if styles else None)
     else:
-        image = jnp.asarray(images.load_image_to_shape(spec.init, content.shape[:2]))
-    return Problem(spec, params, weights_info, content, styles, targets, weights, image)
+        image = images.load_image_to_shape(spec.init, content.shape[:2])
+        if spec.preserve_color == "luminance":
+            image = color.gray3(color.luminance(image, spec.color_space))
+        image = jnp.asarray(image)
+    return Problem(spec, params, weights_info, content, styles, targets, weights, image,
+                   original_content=original if spec.preserve_color == "luminance" else None)
 
 
 def chunk_length(spec: RunSpec) -> int:
@@ -172,14 +192,14 @@ def optimise(problem: Problem, *, on_log: Callable[[dict], None] | None = None,
                 bad = _terms_at(terms, done)
                 break
             if on_image is not None and spec.save_every and step % spec.save_every == 0 and step < spec.steps:
-                on_image(step, np.asarray(image))
+                on_image(step, problem.output(image))
     finally:
         bar.close()
     final = {k: float(v) for k, v in evaluate(problem.params, problem.targets, problem.weights, image,
                                                obj=obj, precision=spec.precision).items()}
     if bad is None and on_log is not None:
         on_log({"step": step, **final, "elapsed_s": time.time() - t_start, "steps_per_s": None})
-    summary = {"image": np.asarray(image), "steps_done": step, "final_terms": final,
+    summary = {"image": problem.output(image), "steps_done": step, "final_terms": final,
                "first_step_s": compile_s, "bad_terms": bad}
     return summary
 
