@@ -182,6 +182,22 @@ def test_guided_gram_against_numpy(params):
                                style_target(feats["relu2_1"]), rtol=1e-5, atol=1e-3)
 
 
+def test_style_mask_restricts_the_style_statistics(params):
+    """A style mask: the target is the guided statistic of the masked part of the style image."""
+    content = RNG.uniform(0, 255, (16, 16, 3)).astype(np.float32)
+    style = RNG.uniform(0, 255, (24, 20, 3)).astype(np.float32)
+    smask = np.zeros((24, 20), np.float32)
+    smask[:12] = 1.0
+    f = features(params, style, ["relu2_1"])["relu2_1"]
+    t = compute_targets(params, Objective((), ("relu2_1",)), content, [style], style_masks=[smask])
+    np.testing.assert_allclose(t["style"]["relu2_1"], masks.guided_gram(f, masks.layer_mask(smask, "relu2_1")),
+                               rtol=1e-5)
+    top = np.asarray(f[0, :6], np.float64).reshape(-1, 128)  # relu2_1 is pooled once: rows 0..5
+    t = compute_targets(params, Objective((), ("relu2_1",), style_stat="mean_std"), content, [style],
+                        style_masks=[smask])
+    np.testing.assert_allclose(t["style"]["relu2_1"]["mean"], top.mean(0), rtol=1e-4, atol=1e-3)
+
+
 def test_pool_mask_averages_blocks():
     m = RNG.random((9, 6)).astype(np.float32)
     expected = m[:8].reshape(4, 2, 3, 2).mean(axis=(1, 3))
