@@ -78,6 +78,21 @@ def base_config() -> ml_collections.ConfigDict:
         "memory_gb": 0.0,  # memory per device to plan batches with; 0 = what the device reports
         "distributed": False,  # call jax.distributed.initialize(): one sweep over several hosts
     })
+    # Beyond Gatys 2015 (docs/extensions.md).
+    # Style statistic of the style layers: "gram" (Gatys 2015), "mean_std" (channel means and
+    # standard deviations), "w2" (Wasserstein-2 distance between fitted Gaussians).
+    c.style_stat = "gram"
+    c.hist_layers = ()  # histogram loss layers (Risser et al. 2017), e.g. relu1_1,relu4_1; empty = off
+    c.hist_layer_weights = ()  # one per histogram layer; empty = 1/L each
+    c.hist_weight = 5e2  # weight of the histogram loss (when hist_layers is set)
+    # "none"; "luminance": transfer on luminance only, keeping the content's chroma; "histogram":
+    # match the style's colour mean and covariance to the content's first (Gatys et al. 2016).
+    c.preserve_color = "none"
+    c.color_space = "yiq"  # luminance-only transfer's colour space: "yiq" or "yuv"
+    # Spatial control (Gatys et al. 2017): mask images, comma-separated, one per style image; white
+    # marks the content region that style image paints. Empty = the whole image, styles blended.
+    c.content_masks = ""
+    c.style_masks = ""  # optional masks of the style images (which part of each to take); empty = all
     return c
 
 
@@ -107,6 +122,12 @@ class RunSpec:
     precision: Any
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
+    hist_weight: float = 0.0
+    hist_layer_weights: tuple[float, ...] = ()
+    preserve_color: str = "none"
+    color_space: str = "yiq"
+    content_masks: tuple[str, ...] = ()
+    style_masks: tuple[str, ...] = ()
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # weights become float32 in the compiled loss
@@ -248,7 +269,7 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         raise ConfigError("config.content is empty: name a content image")
     if not isinstance(cfg.progress, bool):
         raise ConfigError(f"progress must be True or False, not {cfg.progress!r}")
-    return RunSpec(
+    run_spec = RunSpec(
         objective=obj, optimizer=spec, content=content, styles=styles, style_blend=blend,
         size=_int(cfg, "size", 0, MAX_SIZE),
         style_scale=_number(cfg, "style_scale", positive=True, most=64.0),
@@ -261,6 +282,48 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         precision=None if cfg.precision == "default" else "highest",
         checkpoint_every=_int(cfg, "checkpoint_every", 0), checkpoint_keep=_int(cfg, "checkpoint_keep", 1),
     )
+    return _validate_extensions(cfg, run_spec)
+
+
+def _paths(cfg, name: str) -> tuple[str, ...]:
+    value = cfg.get(name, "")
+    if not isinstance(value, str):
+        value = ",".join(str(v) for v in value)
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSpec:
+    """The fields beyond Gatys 2015: style statistic, histogram loss, colour, masks."""
+    from nstjax.color import PRESERVE_COLOR, SPACES
+
+    hist_layers = _layers(cfg, "hist_layers") if "hist_layers" in cfg else ()
+    hlw = _numbers(cfg, "hist_layer_weights") if "hist_layer_weights" in cfg else ()
+    if hlw and len(hlw) != len(hist_layers):
+        raise ConfigError(f"hist_layer_weights has {len(hlw)} weights for {len(hist_layers)} histogram layers")
+    hist_weight = _number(cfg, "hist_weight") if "hist_weight" in cfg else 0.0
+    if hist_layers and not spec.styles:
+        raise ConfigError("histogram layers are set but no style image is given (config.style)")
+    preserve = str(cfg.get("preserve_color", "none"))
+    if preserve not in PRESERVE_COLOR:
+        raise ConfigError(f"preserve_color must be one of {', '.join(PRESERVE_COLOR)}, not {preserve!r}")
+    space = str(cfg.get("color_space", "yiq"))
+    if space not in SPACES:
+        raise ConfigError(f"color_space must be one of {', '.join(SPACES)}, not {space!r}")
+    content_masks, style_masks = _paths(cfg, "content_masks"), _paths(cfg, "style_masks")
+    if content_masks and len(content_masks) != len(spec.styles):
+        raise ConfigError(f"content_masks has {len(content_masks)} masks for {len(spec.styles)} style "
+                          "images (one mask per style image)")
+    if content_masks and spec.style_blend:
+        raise ConfigError("style_blend cannot be combined with content_masks (each mask has its own style)")
+    if style_masks and len(style_masks) != len(spec.styles):
+        raise ConfigError(f"style_masks has {len(style_masks)} masks for {len(spec.styles)} style images")
+    if (content_masks or style_masks) and not (spec.objective.style_layers or hist_layers):
+        raise ConfigError("masks are given but there are no style or histogram layers")
+    obj = dataclasses.replace(spec.objective, style_stat=str(cfg.get("style_stat", "gram")),
+                              hist_layers=hist_layers, regions=len(content_masks))
+    return dataclasses.replace(
+        spec, objective=obj, hist_weight=hist_weight, hist_layer_weights=hlw, preserve_color=preserve,
+        color_space=space, content_masks=content_masks, style_masks=style_masks)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -15,6 +15,15 @@ Normalisations (``Objective.content_norm`` / ``Objective.gram_norm``):
 
 Style targets are stored per position (A / M_style), so a style image of another size than the
 output gives the same target scale; under ``"paper"`` they are rescaled to the output's M.
+
+Beyond the 2015 paper (all static choices are fields of :class:`Objective`, all weights traced):
+
+- ``Objective.style_stat``: the statistic the style layers match: ``"gram"`` (above),
+  ``"mean_std"`` or ``"w2"`` (Gaussian Wasserstein-2), see :mod:`nstjax.stats`.
+- ``Objective.hist_layers``: layers of the histogram loss of Risser et al. (2017), weighted by
+  ``hist_weight`` and per-layer ``hist_layers`` weights, see :mod:`nstjax.histogram`.
+- ``Objective.regions``: the number of masked regions (Gatys et al. 2017), each with its own style
+  image and guided statistics, see :mod:`nstjax.masks`; 0 = the whole image, as in 2015.
 """
 
 from __future__ import annotations
@@ -25,12 +34,13 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from nstjax import vgg
+from nstjax import histogram, masks, stats, vgg
 from nstjax.errors import ConfigError
 
 CONTENT_NORMS = ("paper", "mean")
 GRAM_NORMS = ("paper", "mean", "chw")
 TV_KINDS = ("l2", "l1")
+STYLE_STATS = ("gram", "mean_std", "w2")
 
 
 def _flat(feats: jax.Array) -> jax.Array:
@@ -76,8 +86,12 @@ def style_target(feats: jax.Array) -> jax.Array:
 def style_loss(feats: jax.Array, target_mean_gram: jax.Array, norm: str = "paper") -> jax.Array:
     """One layer's style loss E_l between activations and a per-position target Gram."""
     f = _flat(feats)
-    m, c = f.shape
-    g = gram(f, "mean")
+    return gram_distance(gram(f, "mean"), target_mean_gram, norm)
+
+
+def gram_distance(g: jax.Array, target_mean_gram: jax.Array, norm: str = "paper") -> jax.Array:
+    """E_l between two per-position Grams (C, C), under ``norm`` (see the module doc)."""
+    c = g.shape[-1]
     d = g - target_mean_gram
     if norm == "paper":  # sum((M g - M a)^2) / (4 N^2 M^2) = sum((g - a)^2) / (4 N^2)
         return jnp.sum(d * d) / (4.0 * c * c)
@@ -111,35 +125,49 @@ class Objective:
     content_norm: str = "paper"
     gram_norm: str = "paper"
     tv_kind: str = "l2"
+    style_stat: str = "gram"  # what the style layers match: "gram", "mean_std" or "w2"
+    hist_layers: tuple[str, ...] = ()  # layers of the histogram loss (Risser et al. 2017)
+    regions: int = 0  # masked regions, one style image each (Gatys et al. 2017); 0 = none
 
     def __post_init__(self):
         vgg.check_layers(self.content_layers, "content layer")
         vgg.check_layers(self.style_layers, "style layer")
+        vgg.check_layers(self.hist_layers, "histogram layer")
         vgg.check_pooling(self.pooling)
         for value, allowed, what in ((self.content_norm, CONTENT_NORMS, "content_norm"),
                                      (self.gram_norm, GRAM_NORMS, "gram_norm"),
-                                     (self.tv_kind, TV_KINDS, "tv_kind")):
+                                     (self.tv_kind, TV_KINDS, "tv_kind"),
+                                     (self.style_stat, STYLE_STATS, "style_stat")):
             if value not in allowed:
                 raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
-        if not self.content_layers and not self.style_layers:
-            raise ConfigError("at least one content or style layer is needed")
+        if not self.content_layers and not self.style_layers and not self.hist_layers:
+            raise ConfigError("at least one content, style or histogram layer is needed")
+        if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 0:
+            raise ConfigError(f"regions must be a non-negative integer, not {self.regions!r}")
 
     @property
     def layers(self) -> tuple[str, ...]:
-        both = set(self.content_layers) | set(self.style_layers)
+        both = set(self.content_layers) | set(self.style_layers) | set(self.hist_layers)
         return tuple(sorted(both, key=vgg.LAYER_INDEX.__getitem__))
 
     @property
     def term_names(self) -> tuple[str, ...]:
-        return (("loss", "content", "style", "tv")
-                + tuple(f"content/{l}" for l in self.content_layers)
-                + tuple(f"style/{l}" for l in self.style_layers))
+        names = (("loss", "content", "style", "tv")
+                 + tuple(f"content/{l}" for l in self.content_layers)
+                 + tuple(f"style/{l}" for l in self.style_layers))
+        if self.hist_layers:
+            names += ("hist",) + tuple(f"hist/{l}" for l in self.hist_layers)
+        return names
 
 
 def objective_weights(obj: Objective, content_weight, style_weight, tv_weight,
                       content_layer_weights: Mapping[str, float] | Sequence[float] | None = None,
-                      style_layer_weights: Mapping[str, float] | Sequence[float] | None = None) -> dict:
-    """The traced weights of an objective. Layer weights default to 1 (content) and 1/L (style)."""
+                      style_layer_weights: Mapping[str, float] | Sequence[float] | None = None,
+                      hist_weight=0.0,
+                      hist_layer_weights: Mapping[str, float] | Sequence[float] | None = None) -> dict:
+    """The traced weights of an objective. Layer weights default to 1 (content) and 1/L (style,
+    histogram). ``hist_weight`` and ``hist_layers`` are present only when the objective has
+    histogram layers."""
 
     def per_layer(layers, given, default):
         if given is None or len(given) == 0:
@@ -153,7 +181,7 @@ def objective_weights(obj: Objective, content_weight, style_weight, tv_weight,
             raise ConfigError(f"{len(given)} layer weights for {len(layers)} layers {list(layers)}")
         return {l: jnp.float32(w) for l, w in zip(layers, given)}
 
-    return {
+    weights = {
         "content_weight": jnp.float32(content_weight),
         "style_weight": jnp.float32(style_weight),
         "tv_weight": jnp.float32(tv_weight),
@@ -161,42 +189,173 @@ def objective_weights(obj: Objective, content_weight, style_weight, tv_weight,
         "style_layers": per_layer(obj.style_layers, style_layer_weights,
                                   1.0 / max(len(obj.style_layers), 1)),
     }
+    if obj.hist_layers:
+        weights["hist_weight"] = jnp.float32(hist_weight)
+        weights["hist_layers"] = per_layer(obj.hist_layers, hist_layer_weights,
+                                           1.0 / len(obj.hist_layers))
+    elif hist_layer_weights is not None and len(hist_layer_weights):
+        raise ConfigError("histogram layer weights given but there are no histogram layers")
+    return weights
 
 
 def compute_targets(params, obj: Objective, content_image, style_images: Sequence,
-                    style_blend: Sequence[float] | None = None, precision=None) -> dict:
+                    style_blend: Sequence[float] | None = None, precision=None, *,
+                    content_masks: Sequence | None = None, style_masks: Sequence | None = None
+                    ) -> dict:
     """Content activations and blended per-position style Grams, computed once per run.
 
     ``content_image`` and each style image are (H, W, 3) RGB in [0, 255]. Several style images are
     blended by mixing their Gram matrices with weights ``style_blend`` (normalised to sum to 1).
+
+    Keys: ``content`` {layer: activations}; ``style`` {layer: target statistic}: the per-position
+    Gram (C, C) for ``style_stat="gram"``, ``{"mean", "std"}`` for ``"mean_std"``,
+    ``{"mean", "cov_sqrt", "cov_trace"}`` for ``"w2"``; for other statistics several style images
+    are blended as the mixture of their activations (mixed first and second moments), like Grams.
+    With histogram layers, ``hist`` {layer: (Q, C)}: the style's per-channel quantile functions at
+    Q = the content's number of positions at that layer (of the blend's pooled activations).
+
+    With ``obj.regions`` = K > 0, ``content_masks`` holds K (H, W) masks in [0, 1] shaped like the
+    content, one per style image (no blending): every target gets a leading axis K (style k's
+    statistics), and ``masks`` {layer: (K, h, w)} holds the masks at each style and histogram
+    layer's resolution. ``style_masks`` (optional, with or without regions): one mask per style
+    image, shaped like it (None entries = all of it), restricting its statistics to that region.
     """
     targets = {"content": {}, "style": {}}
     if obj.content_layers:
         feats = vgg.apply_features(params, jnp.asarray(content_image)[None], obj.content_layers,
                                    obj.pooling, precision)
         targets["content"] = {l: feats[l][0] for l in obj.content_layers}
-    if obj.style_layers:
-        if not style_images:
-            raise ConfigError("style layers are set but no style image is given")
-        blend = [1.0] * len(style_images) if not style_blend else list(style_blend)
-        if len(blend) != len(style_images):
-            raise ConfigError(f"{len(blend)} style blend weights for {len(style_images)} style images")
-        total = float(sum(blend))
-        if total <= 0:
-            raise ConfigError("style blend weights must sum to a positive number")
-        for img, b in zip(style_images, blend):
-            feats = vgg.apply_features(params, jnp.asarray(img)[None], obj.style_layers, obj.pooling,
-                                       precision)
-            for l in obj.style_layers:
-                g = style_target(feats[l]) * (b / total)
-                targets["style"][l] = targets["style"][l] + g if l in targets["style"] else g
+    styled = tuple(sorted(set(obj.style_layers) | set(obj.hist_layers), key=vgg.LAYER_INDEX.__getitem__))
+    if not styled:
+        return targets
+    if not style_images:
+        raise ConfigError("style layers are set but no style image is given")
+    n_styles = len(style_images)
+    style_masks = list(style_masks) if style_masks else [None] * n_styles
+    if len(style_masks) != n_styles:
+        raise ConfigError(f"{len(style_masks)} style masks for {n_styles} style images")
+    if obj.regions:
+        if content_masks is None or len(content_masks) != obj.regions:
+            raise ConfigError(f"the objective has {obj.regions} masked regions but "
+                              f"{0 if content_masks is None else len(content_masks)} content masks were given")
+        if n_styles != obj.regions:
+            raise ConfigError(f"{obj.regions} content masks need {obj.regions} style images, one per "
+                              f"region, not {n_styles}")
+        if style_blend:
+            raise ConfigError("style_blend cannot be combined with content masks (each region has "
+                              "its own style image)")
+        blend = [1.0] * n_styles
+    else:
+        if content_masks:
+            raise ConfigError("content masks were given but the objective has no regions")
+        blend = [1.0] * n_styles if not style_blend else list(style_blend)
+        if len(blend) != n_styles:
+            raise ConfigError(f"{len(blend)} style blend weights for {n_styles} style images")
+    total = float(sum(blend))
+    if total <= 0:
+        raise ConfigError("style blend weights must sum to a positive number")
+    fractions = [b / total for b in blend]
+
+    # Each style image's activations (M, C) and position weights (M,), summing to 1.
+    per_style = []
+    for img, smask in zip(style_images, style_masks):
+        feats = vgg.apply_features(params, jnp.asarray(img)[None], styled, obj.pooling, precision)
+        acts = {}
+        for l in styled:
+            f = feats[l][0]
+            if smask is None:
+                w = stats.uniform_weights(f.shape[0] * f.shape[1])
+            else:
+                if tuple(jnp.shape(smask)) != tuple(jnp.shape(img)[:2]):
+                    raise ConfigError(f"a style mask of shape {tuple(jnp.shape(smask))} for a style "
+                                      f"image of shape {tuple(jnp.shape(img)[:2])}")
+                w = masks.region_weights(masks.layer_mask(smask, l))
+            acts[l] = (f.reshape(-1, f.shape[-1]), w, smask is None)
+        per_style.append(acts)
+
+    def stack(items):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *items)
+
+    h, w_px = jnp.shape(content_image)[:2]
+    for l in obj.style_layers:
+        if obj.regions:
+            targets["style"][l] = stack([_style_statistic(obj, [a[l]], [1.0]) for a in per_style])
+        else:
+            targets["style"][l] = _style_statistic(obj, [a[l] for a in per_style], fractions)
+    if obj.hist_layers:
+        targets["hist"] = {}
+        p = [masks.pools_before(l) for l in obj.hist_layers]
+        for l, k in zip(obj.hist_layers, p):
+            q = (h >> k) * (w_px >> k)
+            if q < 1:
+                raise ConfigError(f"the content image is too small for histogram layer {l}")
+            if obj.regions:
+                targets["hist"][l] = jnp.stack([_hist_target([a[l]], [1.0], q) for a in per_style])
+            else:
+                targets["hist"][l] = _hist_target([a[l] for a in per_style], fractions, q)
+    if obj.regions:
+        cm = [jnp.asarray(m, jnp.float32) for m in content_masks]
+        for m in cm:
+            if m.shape != (h, w_px):
+                raise ConfigError(f"a content mask of shape {m.shape} for a content image of "
+                                  f"shape {(h, w_px)}")
+        targets["masks"] = {l: jnp.stack([masks.layer_mask(m, l) for m in cm]) for l in styled}
     return targets
 
 
-def loss_terms(params, image, targets, weights, obj: Objective, precision=None) -> dict:
-    """All loss terms of ``image`` (H, W, 3): weighted, so ``loss = content + style + tv``.
+def _style_statistic(obj: Objective, acts: Sequence, fractions: Sequence[float]):
+    """The stored target of ``obj.style_stat`` for the mixture of several images' activations
+    ``acts`` [(f (M, C), w (M,), unmasked)] with mixture weights ``fractions`` summing to 1."""
+    if obj.style_stat == "gram":
+        out = None
+        for (f, w, unmasked), b in zip(acts, fractions):
+            g = style_target(f) if unmasked else masks.weighted_gram(f, w)
+            out = g * b if out is None else out + g * b
+        return out
+    if obj.style_stat == "mean_std":
+        if len(acts) == 1:
+            return stats.mean_std_target(acts[0][0], acts[0][1])
+        parts = [stats.weighted_mean_std(f, w) for f, w, _ in acts]
+        mu = sum(b * m for (m, _), b in zip(parts, fractions))
+        var = sum(b * ((sd * sd - stats.STD_EPS) + (m - mu) ** 2) for (m, sd), b in zip(parts, fractions))
+        return {"mean": mu, "std": jnp.sqrt(jnp.maximum(var, 0.0) + stats.STD_EPS)}
+    if len(acts) == 1:
+        return stats.w2_target(acts[0][0], acts[0][1])
+    parts = [stats.weighted_mean_cov(f, w) for f, w, _ in acts]
+    mu = sum(b * m for (m, _), b in zip(parts, fractions))
+    cov = sum(b * (s + jnp.outer(m - mu, m - mu)) for (m, s), b in zip(parts, fractions))
+    return stats.w2_target_from_moments(mu, cov)
 
-    Keys: ``loss, content, style, tv, content/<layer>, style/<layer>``.
+
+def _hist_target(acts: Sequence, fractions: Sequence[float], q: int) -> jax.Array:
+    """Per-channel quantile functions (q, C) of the pooled activations of several images."""
+    if len(acts) == 1 and acts[0][2]:
+        return histogram.quantiles(acts[0][0], q)
+    values = jnp.concatenate([f for f, _, _ in acts])
+    weights = jnp.concatenate([w * b for (_, w, _), b in zip(acts, fractions)])
+    return histogram.weighted_quantiles(values, weights, q)
+
+
+def _style_layer_loss(f: jax.Array, target, obj: Objective, w: jax.Array | None) -> jax.Array:
+    """One layer's style loss for activations ``f`` (M, C) with position weights ``w`` (None =
+    the whole image, uniform)."""
+    if obj.style_stat == "gram":
+        if w is None:
+            return style_loss(f, target, obj.gram_norm)
+        return gram_distance(masks.weighted_gram(f, w), target, obj.gram_norm)
+    w = stats.uniform_weights(f.shape[0]) if w is None else w
+    if obj.style_stat == "mean_std":
+        return stats.mean_std_loss(f, w, target)
+    return stats.w2_loss(f, w, target)
+
+
+def loss_terms(params, image, targets, weights, obj: Objective, precision=None) -> dict:
+    """All loss terms of ``image`` (H, W, 3): weighted, so ``loss = content + style + tv``
+    (``+ hist`` with histogram layers).
+
+    Keys: ``loss, content, style, tv, content/<layer>, style/<layer>`` (and ``hist, hist/<layer>``).
+    With masked regions, a layer's style (and histogram) term is the sum over the regions of their
+    guided losses, each normalised by its region's area.
     """
     feats = vgg.apply_features(params, image[None], obj.layers, obj.pooling, precision)
     terms = {}
@@ -208,10 +367,36 @@ def loss_terms(params, image, targets, weights, obj: Objective, precision=None) 
         content = content + t
     style = jnp.float32(0.0)
     for l in obj.style_layers:
-        t = weights["style_weight"] * weights["style_layers"][l] * style_loss(
-            feats[l][0], targets["style"][l], obj.gram_norm)
+        f = _flat(feats[l])
+        if obj.regions:
+            e = jnp.float32(0.0)
+            for k in range(obj.regions):
+                mask = targets["masks"][l][k]
+                target_k = jax.tree.map(lambda a: a[k], targets["style"][l])
+                e_k = _style_layer_loss(f, target_k, obj, masks.region_weights(mask))
+                e = e + jnp.where(masks.region_area(mask) > 0, e_k, 0.0)
+        else:
+            e = _style_layer_loss(f, targets["style"][l], obj, None)
+        t = weights["style_weight"] * weights["style_layers"][l] * e
         terms[f"style/{l}"] = t
         style = style + t
     tv = weights["tv_weight"] * tv_loss(image, obj.tv_kind)
-    terms.update(loss=content + style + tv, content=content, style=style, tv=tv)
+    loss = content + style + tv
+    if obj.hist_layers:
+        hist = jnp.float32(0.0)
+        for l in obj.hist_layers:
+            f = _flat(feats[l])
+            if obj.regions:
+                e = jnp.float32(0.0)
+                for k in range(obj.regions):
+                    inside = targets["masks"][l][k].reshape(-1) >= 0.5
+                    e = e + histogram.histogram_loss(f, targets["hist"][l][k], inside)
+            else:
+                e = histogram.histogram_loss(f, targets["hist"][l])
+            t = weights["hist_weight"] * weights["hist_layers"][l] * e
+            terms[f"hist/{l}"] = t
+            hist = hist + t
+        terms["hist"] = hist
+        loss = loss + hist
+    terms.update(loss=loss, content=content, style=style, tv=tv)
     return terms

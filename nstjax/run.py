@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nstjax import images, memory, records, vgg
+from nstjax import color, images, masks, memory, records, vgg
 from nstjax.checkpoint import Checkpoints, RunState
 from nstjax.config import RunSpec, validate
 from nstjax.errors import RunInterrupted, UserError
@@ -80,6 +80,14 @@ class Problem:
     image: jax.Array  # the initial image
     rng: Any = None  # the PRNG key data the run was seeded with (uint32)
     inputs: dict = dataclasses.field(default_factory=dict)  # image path -> {"path", "sha256"}
+    # The content as loaded, when the transfer runs on a transformed one (luminance-only transfer).
+    original_content: np.ndarray | None = None
+
+    def output(self, image) -> np.ndarray:
+        """The result for an optimised ``image``: under luminance-only transfer its luminance with
+        the content's chroma, otherwise the image itself."""
+        original = self.content if self.original_content is None else self.original_content
+        return color.finish(self.spec.preserve_color, np.asarray(image), original, self.spec.color_space)
 
 
 def check_size_for_layers(shape: tuple[int, int], layers, what: str) -> None:
@@ -125,7 +133,7 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
     style_pils = [images.load_pil(path) for path in spec.styles]
     style_sizes = [style_size(pil.width, pil.height, (cw, ch), spec) for pil in style_pils]
     for path, (sw, sh) in zip(spec.styles, style_sizes):
-        check_size_for_layers((sh, sw), obj.style_layers, f"style image {path}")
+        check_size_for_layers((sh, sw), obj.style_layers + obj.hist_layers, f"style image {path}")
     # Before anything big is allocated: refuse a run that cannot fit, naming a size that does.
     memory.check_fits(ch, cw, obj.layers, spec.optimizer.name, memory_size=spec.optimizer.memory_size,
                       chunk_steps=min(chunk_length(spec), max(spec.steps, 1)),
@@ -139,26 +147,41 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
               "styles": [describe_input(p) for p in spec.styles]}
     if init_path:
         inputs["init"] = describe_input(init_path)
+    original = content
+    content, styles = color.prepare(spec.preserve_color, content, styles, spec.color_space)
+    content_masks = [masks.load_mask(p, (cw, ch)) for p in spec.content_masks] or None
+    style_masks = [masks.load_mask(p, (s.shape[1], s.shape[0]))
+                   for p, s in zip(spec.style_masks, styles)] or None
     if params is None:
         params, weights_info = load_vgg19_with_info(weights_path or None)
-    targets = compute_targets(params, obj, content, styles, spec.style_blend or None, spec.precision)
+    targets = compute_targets(params, obj, content, styles, spec.style_blend or None, spec.precision,
+                              content_masks=content_masks, style_masks=style_masks)
     weights = objective_weights(obj, spec.content_weight, spec.style_weight, spec.tv_weight,
-                                spec.content_layer_weights or None, spec.style_layer_weights or None)
+                                spec.content_layer_weights or None, spec.style_layer_weights or None,
+                                hist_weight=spec.hist_weight,
+                                hist_layer_weights=spec.hist_layer_weights or None)
     rng = jax.random.PRNGKey(spec.seed)
     if init_path is None:
         image = init_image(spec.init, rng, content, styles[0] if styles else None)
     else:
-        image = jnp.asarray(init_pixels)
+        image = init_pixels
+        if spec.preserve_color == "luminance":
+            image = color.gray3(color.luminance(image, spec.color_space))
+        image = jnp.asarray(image)
     return Problem(spec, params, weights_info, content, styles, targets, weights, image,
                    rng=jax.random.key_data(rng) if hasattr(jax.random, "key_data") else rng,
-                   inputs=inputs)
+                   inputs=inputs,
+                   original_content=original if spec.preserve_color == "luminance" else None)
 
 
 def initial_image(spec: RunSpec, content: np.ndarray, styles: list[np.ndarray]) -> jax.Array:
     """The image a run starts from (``spec.init``, seeded by ``spec.seed``); sweeps use it per point."""
     if spec.init in INITS:
         return init_image(spec.init, jax.random.PRNGKey(spec.seed), content, styles[0] if styles else None)
-    return jnp.asarray(images.load_image_to_shape(spec.init, content.shape[:2]))
+    image = images.load_image_to_shape(spec.init, content.shape[:2])
+    if spec.preserve_color == "luminance":
+        image = color.gray3(color.luminance(image, spec.color_space))
+    return jnp.asarray(image)
 
 
 def chunk_length(spec: RunSpec) -> int:
@@ -262,7 +285,7 @@ def optimise(problem: Problem, *, start: RunState | None = None,
                 bad = _terms_at(terms, done)
                 break
             if on_image is not None and spec.save_every and step % spec.save_every == 0 and step < spec.steps:
-                on_image(step, np.asarray(image))
+                on_image(step, problem.output(image))
             if (on_checkpoint is not None and checkpoint_every
                     and step // checkpoint_every > before // checkpoint_every):
                 on_checkpoint(RunState(step, image, state, start.rng))
@@ -274,7 +297,7 @@ def optimise(problem: Problem, *, start: RunState | None = None,
                                                    obj=obj, precision=spec.precision).items()}
         if bad is None and on_log is not None:
             on_log({"step": step, **final, "elapsed_s": time.time() - t_start, "steps_per_s": None})
-    return {"image": np.asarray(image), "steps_done": step, "final_terms": final,
+    return {"image": problem.output(image), "steps_done": step, "final_terms": final,
             "first_step_s": compile_s, "bad_terms": bad, "interrupted": interrupted,
             "state": RunState(step, image, state, start.rng)}
 
@@ -634,7 +657,7 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
             save_checkpoint(state)
             extra["checkpoints"]["steps"] = ckpts.steps()
         picture = workdir / "images" / f"step_{step:06d}.png"
-        images.save_png(picture, state.image)
+        images.save_png(picture, problem.output(state.image))
         records.write_json(workdir / "manifest.json", build_manifest(
             cfg, problem, summary, timing, status=f"interrupted at step {step} ({name})", extra=extra))
         if ckpts is not None and step in ckpts.steps():
