@@ -66,44 +66,65 @@ def scale_by_lbfgs(memory_size: int = 10, curvature_eps: float = 1e-10) -> optax
     m = memory_size
 
     def init(params):
-        z = jnp.zeros((m,) + params.shape, params.dtype)
-        return LBFGSState(jnp.int32(0), jnp.zeros_like(params), jnp.zeros_like(params), z, z,
+        # Two distinct buffers (not one shared zero array), so the state can be donated.
+        def zeros():
+            return jnp.zeros((m,) + params.shape, params.dtype)
+
+        return LBFGSState(jnp.int32(0), jnp.zeros_like(params), jnp.zeros_like(params), zeros(), zeros(),
                           jnp.zeros((m,), jnp.float32), jnp.int32(0), jnp.int32(0), jnp.float32(1.0))
 
     def update(grad, state, params):
         s_new, y_new = params - state.prev_params, grad - state.prev_grad
         ys = _dot(y_new, s_new)
-        accept = (state.count > 0) & (ys > curvature_eps)
-        s_mem = jnp.where(accept, state.s.at[state.head].set(s_new), state.s)
-        y_mem = jnp.where(accept, state.y.at[state.head].set(y_new), state.y)
-        rho = jnp.where(accept, state.rho.at[state.head].set(1.0 / jnp.where(accept, ys, 1.0)), state.rho)
+        # A pair from a non-finite gradient is never stored (ys is NaN or inf then): the history
+        # stays as it was, which select_state relies on.
+        accept = (state.count > 0) & (ys > curvature_eps) & jnp.isfinite(ys)
+        # Write one slot of the ring buffer (an in-place update when the state is donated); a
+        # select over the whole (m, ...) buffer would copy it, 2 x 236 MB per step at m=100, 512 px.
+        slot = state.head
+        s_mem = state.s.at[slot].set(jnp.where(accept, s_new, state.s[slot]))
+        y_mem = state.y.at[slot].set(jnp.where(accept, y_new, state.y[slot]))
+        rho = jnp.where(accept, state.rho.at[slot].set(1.0 / jnp.where(accept, ys, 1.0)), state.rho)
         head = jnp.where(accept, (state.head + 1) % m, state.head)
         size = jnp.where(accept, jnp.minimum(state.size + 1, m), state.size)
         gamma = jnp.where(accept, ys / jnp.maximum(_dot(y_new, y_new), 1e-30), state.gamma)
 
         # The two loops are lax.fori_loops: cheap vector work, and it keeps compile time flat in m.
+        # They run over the ``size`` stored pairs only (a traced trip count), not all m slots: each
+        # pass reads whole images, so empty slots would cost as much as full ones.
         def newest_first(j, carry):
             q, alphas = carry
             i = (head - 1 - j) % m
-            a = jnp.where(j < size, rho[i] * _dot(s_mem[i], q), 0.0)
+            a = rho[i] * _dot(s_mem[i], q)
             return q - a * y_mem[i], alphas.at[j].set(a)
 
-        q, alphas = jax.lax.fori_loop(0, m, newest_first,
+        q, alphas = jax.lax.fori_loop(0, size, newest_first,
                                       (grad.astype(jnp.float32), jnp.zeros((m,), jnp.float32)))
 
         def oldest_first(k, r):
-            j = m - 1 - k
+            j = size - 1 - k
             i = (head - 1 - j) % m
             b = rho[i] * _dot(y_mem[i], r)
-            return r + jnp.where(j < size, alphas[j] - b, 0.0) * s_mem[i]
+            return r + (alphas[j] - b) * s_mem[i]
 
-        r = jax.lax.fori_loop(0, m, oldest_first, gamma * q)
+        r = jax.lax.fori_loop(0, size, oldest_first, gamma * q)
         first = jnp.minimum(1.0, 1.0 / jnp.maximum(pairwise_sum(jnp.abs(grad)), 1e-30)) * grad
         direction = jnp.where(state.count == 0, first, r).astype(grad.dtype)
         new_state = LBFGSState(state.count + 1, params, grad, s_mem, y_mem, rho, head, size, gamma)
         return direction, new_state
 
     return optax.GradientTransformation(init, update)
+
+
+def select_state(ok, new: LBFGSState, old: LBFGSState) -> LBFGSState:
+    """``new`` where ``ok``, else ``old``, without selecting between the histories ``s`` and ``y``.
+
+    For ``new`` the result of an update from ``old`` with a non-finite gradient, the histories are
+    already ``old``'s (such pairs are never stored), and a select of two (m, ...) buffers would
+    copy them: the step's only traffic over the whole history besides the two loops."""
+    keep = {f: jnp.where(ok, getattr(new, f), getattr(old, f))
+            for f in LBFGSState._fields if f not in ("s", "y")}
+    return new._replace(**keep)
 
 
 def lbfgs(learning_rate: float = 1.0, memory_size: int = 10) -> optax.GradientTransformation:

@@ -83,3 +83,33 @@ def test_bad_optimizer_settings():
         OptimizerSpec("sgd-ish")
     with pytest.raises(ConfigError, match="learning_rate"):
         OptimizerSpec("adam", float("nan"))
+
+
+def test_lbfgs_history_ignores_a_non_finite_gradient():
+    """A NaN gradient stores no curvature pair: the history is left as it was (run_steps relies on
+    this instead of selecting, and so copying, the whole (m, H, W, 3) history after each step)."""
+    from nstjax import lbfgs
+
+    tx = lbfgs.scale_by_lbfgs(4)
+    x = jnp.linspace(0.0, 1.0, 12).reshape(2, 2, 3)
+    state = tx.init(x)
+    for k in range(3):  # a convex quadratic, so every pair is accepted
+        _, state = tx.update(2.0 * (x - 0.5), state, x)
+        x = x - 0.1 * (k + 1)
+    assert int(state.size) == 2
+    _, bad = tx.update(jnp.full_like(x, jnp.nan), state, x)
+    np.testing.assert_array_equal(np.asarray(bad.s), np.asarray(state.s))
+    np.testing.assert_array_equal(np.asarray(bad.y), np.asarray(state.y))
+    assert int(bad.size) == 2 and int(bad.head) == int(state.head)
+
+
+def test_lbfgs_freezes_on_the_last_good_image(problem, tubingen):
+    params, targets, _ = problem
+    weights = objective_weights(OBJ, 1.0, np.inf, 0.0)
+    spec = OptimizerSpec("lbfgs", memory_size=5)
+    x0 = init_image("content", None, tubingen)
+    x, state, _, done, ok = run_steps(params, targets, weights, x0, spec.build().init(x0), obj=OBJ,
+                                      spec=spec, n_steps=2, precision=None)
+    assert not bool(ok) and int(done) == 0
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(x0))
+    assert int(state[0].count) == 0 and int(state[0].size) == 0
