@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from nstjax import vgg
+from nstjax import multiscale, vgg
 from nstjax.errors import ConfigError
 from nstjax.images import BUILTIN_CONTENT, BUILTIN_STYLE
 from nstjax.losses import Objective
@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = "content"  # "noise", "content", "style", "gray", or an image path
     c.seed = 0
     c.steps = 150
+    # Coarse-to-fine: longer sides of earlier, smaller stages and the steps each takes; the last
+    # stage is `size` with `steps` (nstjax/multiscale.py). Empty = a single scale.
+    c.scales = ()
+    c.scale_steps = ()
     c.optimizer = ml_collections.ConfigDict(
         {"name": "lbfgs", "learning_rate": 1.0, "memory_size": 10})
     c.precision = "default"  # matmul/conv precision on accelerators: "default" or "highest"
@@ -116,6 +120,8 @@ class RunSpec:
     init: str
     seed: int
     steps: int
+    scales: tuple[int, ...]
+    scale_steps: tuple[int, ...]
     log_every: int
     save_every: int
     chunk: int
@@ -179,12 +185,21 @@ def _str(cfg, name: str) -> str:
 
 def _paths(cfg, name: str) -> tuple[str, ...]:
     """Comma-separated paths in a string, or a list of them."""
-    v = cfg[name]
+    v = cfg.get(name, "")
     if isinstance(v, str):
         v = v.split(",")
     if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
         raise ConfigError(f"{name} must be a path or comma-separated paths, not {v!r}")
     return tuple(s.strip() for s in v if s.strip())
+
+
+def _ints(cfg, name: str) -> tuple[int, ...]:
+    values = cfg[name]
+    values = (values,) if isinstance(values, int) else tuple(values)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{name} must hold non-negative integers, not {v!r}")
+    return values
 
 
 def _layers(cfg, name: str) -> tuple[str, ...]:
@@ -277,19 +292,13 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         content_weight=_number(cfg, "content_weight"), style_weight=_number(cfg, "style_weight"),
         tv_weight=_number(cfg, "tv_weight"), content_layer_weights=clw, style_layer_weights=slw,
         init=init, seed=_int(cfg, "seed", 0, MAX_SEED), steps=_int(cfg, "steps", 0),
+        scales=_ints(cfg, "scales"), scale_steps=_ints(cfg, "scale_steps"),
         log_every=_int(cfg, "log_every", 1), save_every=_int(cfg, "save_every", 0),
         chunk=_int(cfg, "chunk", 1, MAX_CHUNK),
         precision=None if cfg.precision == "default" else "highest",
         checkpoint_every=_int(cfg, "checkpoint_every", 0), checkpoint_keep=_int(cfg, "checkpoint_keep", 1),
     )
     return _validate_extensions(cfg, run_spec)
-
-
-def _paths(cfg, name: str) -> tuple[str, ...]:
-    value = cfg.get(name, "")
-    if not isinstance(value, str):
-        value = ",".join(str(v) for v in value)
-    return tuple(s.strip() for s in value.split(",") if s.strip())
 
 
 def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSpec:
@@ -321,9 +330,11 @@ def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSp
         raise ConfigError("masks are given but there are no style or histogram layers")
     obj = dataclasses.replace(spec.objective, style_stat=str(cfg.get("style_stat", "gram")),
                               hist_layers=hist_layers, regions=len(content_masks))
-    return dataclasses.replace(
+    spec = dataclasses.replace(
         spec, objective=obj, hist_weight=hist_weight, hist_layer_weights=hlw, preserve_color=preserve,
         color_space=space, content_masks=content_masks, style_masks=style_masks)
+    multiscale.stages(spec)  # checks scales against size and scale_steps
+    return spec
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -97,14 +97,21 @@ class MetricsLog:
             self._fd = -1
 
 
-def truncate_metrics(path: str | os.PathLike, before_step: int) -> int:
+def truncate_metrics(path: str | os.PathLike, before_step: int, before_stage: int | None = None) -> int:
     """Keeps the lines of ``metrics.jsonl`` for steps before ``before_step`` (rewriting the file
-    atomically) and returns how many were kept: what a run resumed at that step starts from."""
+    atomically) and returns how many were kept: what a run resumed at that step starts from. With
+    ``before_stage`` (multi-scale runs), every line of an earlier stage is kept too: a stage's last
+    line shares its step with the next stage's first."""
     path = Path(path)
     if not path.exists():
         return 0
+
+    def earlier(r: dict) -> bool:
+        return r["step"] < before_step or (
+            before_stage is not None and isinstance(r.get("stage"), int) and r["stage"] < before_stage)
+
     keep = [r for r in read_metrics(path) if isinstance(r, dict) and isinstance(r.get("step"), int)
-            and r["step"] < before_step]
+            and earlier(r)]
     write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
     return len(keep)
 

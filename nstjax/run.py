@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nstjax import color, images, masks, memory, records, vgg
+from nstjax import color, images, masks, memory, multiscale, records, vgg
 from nstjax.checkpoint import Checkpoints, RunState
 from nstjax.config import RunSpec, validate
 from nstjax.errors import RunInterrupted, UserError
@@ -123,9 +123,14 @@ def describe_input(path: str) -> dict:
     return {"path": str(path), "abspath": str(p.resolve()), "sha256": h.hexdigest()}
 
 
-def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = None,
-                 weights_path: str = "") -> Problem:
-    """Reads and checks the images (sizes, memory), the weights, and computes the targets."""
+def check_problem(spec: RunSpec) -> None:
+    """The checks :func:`load_problem` makes before allocating anything (image sizes against the
+    layers, memory), without computing anything: a multi-scale run makes them for its last, largest
+    stage before it starts the first."""
+    _open_inputs(spec)
+
+
+def _open_inputs(spec: RunSpec):
     obj = spec.objective
     content_pil = images.load_pil(spec.content)
     cw, ch = images.fit_size(content_pil.width, content_pil.height, spec.size)
@@ -138,6 +143,17 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
     memory.check_fits(ch, cw, obj.layers, spec.optimizer.name, memory_size=spec.optimizer.memory_size,
                       chunk_steps=min(chunk_length(spec), max(spec.steps, 1)),
                       style_shapes=[(sh, sw) for sw, sh in style_sizes], style_scale=spec.style_scale)
+    return content_pil, (cw, ch), style_pils, style_sizes
+
+
+def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = None,
+                 weights_path: str = "", init_array=None) -> Problem:
+    """Reads and checks the images (sizes, memory), the weights, and computes the targets.
+
+    ``init_array``, an (h, w, 3) image, replaces ``spec.init`` as the starting image, resized to
+    the content's size: a multi-scale stage starts from the previous stage's result."""
+    obj = spec.objective
+    content_pil, (cw, ch), style_pils, style_sizes = _open_inputs(spec)
     content = images.to_array(content_pil, (cw, ch))
     styles = [images.to_array(pil, size) for pil, size in zip(style_pils, style_sizes)]
     del content_pil, style_pils
@@ -161,7 +177,9 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
                                 hist_weight=spec.hist_weight,
                                 hist_layer_weights=spec.hist_layer_weights or None)
     rng = jax.random.PRNGKey(spec.seed)
-    if init_path is None:
+    if init_array is not None:
+        image = multiscale.upsample(init_array, content.shape[:2])
+    elif init_path is None:
         image = init_image(spec.init, rng, content, styles[0] if styles else None)
     else:
         image = init_pixels
@@ -591,7 +609,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
         try:
             with workdir_lock(workdir):
                 plan = inspect_workdir(workdir, cfg, overwrite)
-                problem = load_problem(spec, params, weights_info, str(cfg.weights_path))
+                stage_specs = multiscale.stages(spec)
+                if len(stage_specs) > 1:  # refuse a last stage that cannot fit before the first runs
+                    check_problem(stage_specs[-1])
+                problem = load_problem(stage_specs[0], params, weights_info, str(cfg.weights_path))
                 return _run_in(cfg, spec, workdir, plan, problem, stop, log, t_start)
         except UserError:
             if created:  # leave no empty directory behind a refused run
@@ -603,52 +624,122 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
 
 def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop: StopSignals,
             log: Callable[[str], None], t_start: float) -> dict:
+    """Runs (or resumes) the run in ``workdir``: one stage, or the coarse-to-fine stages of
+    ``config.scales`` one after another, each starting from the previous one's result upsampled.
+    ``problem`` is the first stage's. A multi-scale run keeps each stage's checkpoints in
+    ``checkpoints/stage_K/`` (a finished stage's last one is its result) and logs global steps with
+    the ``stage`` and ``size`` of each record."""
     if plan == "overwrite":
         clear_run(workdir)
     _remove_stale_temporaries(workdir)
+    stage_specs = multiscale.stages(spec)
+    multi, last = len(stage_specs) > 1, len(stage_specs) - 1
+    offsets = [sum(st.steps for st in stage_specs[:k]) for k in range(len(stage_specs))]
+    total = offsets[-1] + stage_specs[-1].steps
     fingerprint = run_fingerprint(cfg, problem)
-    ckpt_dir = workdir / CHECKPOINT_DIR
-    ckpts = Checkpoints(ckpt_dir, spec.checkpoint_keep, log) if (spec.checkpoint_every or ckpt_dir.exists()) else None
-    start, resumes = None, []
+    params, weights_info = problem.params, problem.weights_info
+    root = workdir / CHECKPOINT_DIR
+    use_ckpts = bool(spec.checkpoint_every) or root.exists()
+
+    def ckpt_dir(k: int) -> Path:
+        return root / f"stage_{k}" if multi else root
+
+    def stage_problem(k: int, init_array) -> Problem:
+        return problem if k == 0 else load_problem(stage_specs[k], params, weights_info, init_array=init_array)
+
+    k0, start, resumes, prev_image = 0, None, [], None
     if plan == "resume":
-        restored = ckpts.restore(initial_state(problem), _checkpoint_checker(workdir, fingerprint, spec)) if ckpts else None
-        if restored is not None:
-            start, meta = restored
+        meta, pk = None, problem
+        for k, st in enumerate(stage_specs):
+            if k > 0:
+                pk = stage_problem(k, prev_image)
+            problem, k0 = pk, k
+            if not (use_ckpts and (k == 0 or ckpt_dir(k).exists())):
+                break
+            with Checkpoints(ckpt_dir(k), spec.checkpoint_keep, log) as ck:
+                found = ck.restore(initial_state(pk), _checkpoint_checker(workdir, fingerprint, st))
+            if found is None:
+                break
+            if found[0].step == st.steps and k < last:  # a finished stage: its result starts the next
+                prev_image, meta = found[0].image, found[1]
+                continue
+            start, meta = found
+            break
+        if meta is not None:
             resumes = list(meta.get("resumes", [])) + [
-                {"from_step": start.step, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+                {"from_step": offsets[k0] + (start.step if start else 0),
+                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
             t_start = time.time() - float(meta.get("elapsed_s", 0.0))
-            log(f"resuming the unfinished run in {workdir} from its checkpoint at step {start.step} "
-                f"of {spec.steps}")
+            where = (f" (stage {k0 + 1} of {len(stage_specs)}, {problem.content.shape[1]}x"
+                     f"{problem.content.shape[0]})" if multi else "")
+            log(f"resuming the unfinished run in {workdir} from its checkpoint at step "
+                f"{resumes[-1]['from_step']} of {total}{where}")
         else:
             log(f"found an unfinished run in {workdir} with no usable checkpoint: starting it again from step 0")
     records.write_json(workdir / "config.json", cfg.to_dict())
-    records.truncate_metrics(workdir / "metrics.jsonl", start.step if start else 0)
+    records.truncate_metrics(workdir / "metrics.jsonl", offsets[k0] + (start.step if start else 0),
+                             before_stage=k0 if multi else None)
 
-    def save_checkpoint(state: RunState) -> None:
-        if ckpts is None:
-            return
-        meta = {"fingerprint": fingerprint, "elapsed_s": time.time() - t_start, "resumes": resumes}
-        try:
-            ckpts.save(state, meta)
-        except Exception as e:  # a full disk must not end the run: its outputs matter more
-            log(f"warning: could not save a checkpoint at step {state.step} ({' '.join(str(e).split())[:200]}); going on")
-
+    stages_record = []
     log_file = records.MetricsLog(workdir / "metrics.jsonl")
     t_opt = time.time()
+    first_chunk_s = None
     try:
-        summary = optimise(
-            problem, start=start, on_log=log_file.write, progress=bool(cfg.progress), t_start=t_start,
-            on_image=lambda s, im: images.save_png(workdir / "images" / f"step_{s:06d}.png", im),
-            on_checkpoint=save_checkpoint if spec.checkpoint_every else None,
-            checkpoint_every=spec.checkpoint_every, should_stop=stop)
+        for k in range(k0, last + 1):
+            st = stage_specs[k]
+            if k > k0:
+                problem, start = stage_problem(k, prev_image), None
+                if multi:
+                    import shutil
+
+                    shutil.rmtree(ckpt_dir(k), ignore_errors=True)  # left by an earlier attempt
+            ckpts = Checkpoints(ckpt_dir(k), spec.checkpoint_keep, log) if use_ckpts else None
+            h, w = problem.content.shape[:2]
+            stages_record.append({"stage": k, "size": [h, w], "steps": st.steps, "first_step": offsets[k]})
+
+            def save_checkpoint(state: RunState, ckpts=ckpts) -> None:
+                if ckpts is None:
+                    return
+                meta = {"fingerprint": fingerprint, "elapsed_s": time.time() - t_start, "resumes": resumes}
+                try:
+                    ckpts.save(state, meta)
+                except Exception as e:  # a full disk must not end the run: its outputs matter more
+                    log(f"warning: could not save a checkpoint at step {state.step} "
+                        f"({' '.join(str(e).split())[:200]}); going on")
+
+            def on_log(rec: dict, k=k, h=h, w=w) -> None:
+                if multi:
+                    rec = {**rec, "step": rec["step"] + offsets[k], "stage": k, "size": [h, w]}
+                log_file.write(rec)
+
+            summary = optimise(
+                problem, start=start, on_log=on_log, progress=bool(cfg.progress), t_start=t_start,
+                on_image=lambda s, im, k=k: images.save_png(
+                    workdir / "images" / f"step_{offsets[k] + s:06d}.png", im),
+                on_checkpoint=save_checkpoint if spec.checkpoint_every else None,
+                checkpoint_every=spec.checkpoint_every, should_stop=stop)
+            if first_chunk_s is None:
+                first_chunk_s = summary["first_step_s"]
+            if summary["interrupted"] or summary["bad_terms"] is not None or k == last:
+                break
+            if ckpts is not None:  # the stage's result, for a resume after the next stage starts
+                save_checkpoint(summary["state"])
+                ckpts.close()
+            prev_image = summary["state"].image
+            log(f"stage {k + 1} of {len(stage_specs)} ({w}x{h}, {st.steps} steps) done; upsampling")
     finally:
         log_file.close()
     timing = {"wall_s": time.time() - t_start, "setup_s": t_opt - t_start,
-              "optimise_s": time.time() - t_opt, "first_chunk_s": summary["first_step_s"]}
+              "optimise_s": time.time() - t_opt, "first_chunk_s": first_chunk_s}
     extra = {"resumes": resumes, "checkpoints": {
-        "every": spec.checkpoint_every, "keep": spec.checkpoint_keep, "dir": CHECKPOINT_DIR,
-        "steps": ckpts.steps() if ckpts else []}, "fingerprint": fingerprint}
-    step = summary["steps_done"]
+        "every": spec.checkpoint_every, "keep": spec.checkpoint_keep,
+        "dir": str(ckpt_dir(k).relative_to(workdir)), "steps": ckpts.steps() if ckpts else []},
+        "fingerprint": fingerprint}
+    if multi:
+        extra["stages"] = stages_record
+    stage_step = summary["steps_done"]
+    step = offsets[k] + stage_step
+    summary["steps_done"] = step
 
     if summary["interrupted"]:
         name = signal.Signals(stop.signum).name
@@ -660,18 +751,23 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
         images.save_png(picture, problem.output(state.image))
         records.write_json(workdir / "manifest.json", build_manifest(
             cfg, problem, summary, timing, status=f"interrupted at step {step} ({name})", extra=extra))
-        if ckpts is not None and step in ckpts.steps():
-            saved = f"saved a checkpoint in {ckpt_dir} and the image so far in {picture}; run the same command again to resume"
+        if ckpts is not None and stage_step in ckpts.steps():
+            saved = (f"saved a checkpoint in {ckpt_dir(k)} and the image so far in {picture}; run the same "
+                     "command again to resume")
         else:
             saved = (f"saved the image so far in {picture}; no checkpoint (checkpoint_every=0), so running "
                      "the same command again starts over")
-        raise RunInterrupted(f"stopped by {name} at step {step} of {spec.steps}: {saved}", stop.signum, step)
+        if ckpts is not None:
+            ckpts.close()
+        raise RunInterrupted(f"stopped by {name} at step {step} of {total}: {saved}", stop.signum, step)
+    if ckpts is not None:
+        ckpts.close()
 
     images.save_png(workdir / "final.png", summary["image"])
     records.write_json(workdir / "manifest.json", build_manifest(cfg, problem, summary, timing, extra=extra))
     if summary["bad_terms"] is not None:
-        kept = [s for s in extra["checkpoints"]["steps"] if s <= step]
-        also = f" and the checkpoint at step {kept[-1]}" if kept else ""
+        kept = [s for s in extra["checkpoints"]["steps"] if s <= stage_step]
+        also = f" and the checkpoint at step {offsets[k] + kept[-1]}" if kept else ""
         raise UserError(describe_bad_terms(summary["bad_terms"], step)
                         + f"; stopped and kept the last good image in {workdir / 'final.png'}{also}")
     summary["wall_s"] = time.time() - t_start

@@ -216,6 +216,10 @@ def expand(cfg: ml_collections.ConfigDict) -> Sweep:
                 spec = validate(c)
             except ConfigError as e:
                 raise ConfigError(f"sweep point {i} ({desc}): {e}") from None
+            if spec.scales:
+                raise ConfigError(f"sweep point {i} ({desc}): multi-scale runs (config.scales) are not "
+                                  "supported in sweeps yet; sweep single-scale points, or run each point "
+                                  "with nstjax alone")
             key = records.dumps(c.to_dict())
             if key in seen:
                 raise ConfigError(f"sweep points {seen[key]} and {i} are the same run ({desc})")

@@ -1,0 +1,137 @@
+"""Coarse-to-fine runs (config.scales / config.scale_steps): stages at growing sizes, each starting
+from the previous one's result; logged with global steps; resumable across stage boundaries with a
+bit-identical result. Small on purpose: 32 px then 64 px, two style layers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nstjax import config as config_lib
+from nstjax import multiscale, records
+from nstjax.cli import main as cli_main
+from nstjax.errors import ConfigError
+from nstjax.run import run
+
+
+def _cfg(image_dir: Path, **over):
+    c = config_lib.get_config()
+    c.content = str(image_dir / "tubingen.jpg")
+    c.style = str(image_dir / "starry_night.jpg")
+    c.size, c.steps, c.chunk, c.log_every = 64, 6, 2, 1
+    c.scales, c.scale_steps = (32,), (6,)
+    c.checkpoint_every, c.checkpoint_keep = 2, 3
+    c.progress = False
+    c.content_layers = ("relu2_2",)
+    c.style_layers = ("relu1_1", "relu2_1")
+    for k, v in over.items():
+        c[k] = v
+    return c
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"scales": (32, 48), "scale_steps": (5,)}, "scale_steps has 1"),
+    ({"scales": (64,), "scale_steps": (5,)}, "increase up to size=64"),
+    ({"scales": (48, 32), "scale_steps": (5, 5)}, "increase"),
+    ({"size": 0}, "explicit size"),
+])
+def test_bad_scales_are_config_errors(image_dir, over, message):
+    with pytest.raises(ConfigError, match=message):
+        config_lib.validate(_cfg(image_dir, **over))
+
+
+def test_bad_scales_on_the_command_line_exit_2_in_one_line(image_dir, tmp_path, capsys):
+    code = cli_main(["nstjax", f"--workdir={tmp_path / 'w'}", "--config.scales=(128,)",
+                     "--config.scale_steps=(5,)", "--config.size=64"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "scales" in err, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_stages_are_coarse_to_fine():
+    spec = config_lib.validate(_cfg(Path("x"), scales=(16, 32), scale_steps=(3, 4), steps=5))
+    st = multiscale.stages(spec)
+    assert [(s.size, s.steps) for s in st] == [(16, 3), (32, 4), (64, 5)]
+    img = np.linspace(0, 255, 8 * 6 * 3, dtype=np.float32).reshape(8, 6, 3)
+    up = np.asarray(multiscale.upsample(img, (16, 12)))
+    assert up.shape == (16, 12, 3) and up.min() >= 0 and up.max() <= 255
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, image_dir, weights):
+    workdir = tmp_path_factory.mktemp("ms") / "ref"
+    params, info = weights
+    summary = run(_cfg(image_dir), workdir, params=params, weights_info=info, handle_signals=False,
+                  log=lambda m: None)
+    return workdir, summary
+
+
+def test_a_multiscale_run_logs_each_stage_and_ends_at_full_size(reference):
+    workdir, summary = reference
+    recs = records.read_metrics(workdir / "metrics.jsonl")
+    stages = [r["stage"] for r in recs]
+    assert stages == sorted(stages) and set(stages) == {0, 1}
+    sizes = {r["stage"]: tuple(r["size"]) for r in recs}
+    assert sizes[0] == (24, 32) and sizes[1] == (48, 64)
+    first = [r for r in recs if r["stage"] == 1][0]
+    assert first["step"] == 6 and recs[-1]["step"] == 12 and summary["steps_done"] == 12
+    # Each stage lowers its own loss.
+    for k in (0, 1):
+        losses = [r["loss"] for r in recs if r["stage"] == k]
+        assert losses[-1] < losses[0]
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["steps"] == 12
+    assert [s["size"] for s in manifest["stages"]] == [[24, 32], [48, 64]]
+    assert manifest["images"]["output"] == [48, 64, 3]
+    from PIL import Image
+
+    assert Image.open(workdir / "final.png").size == (64, 48)
+
+
+def test_the_coarse_stage_gives_the_fine_stage_a_better_start(reference, image_dir, weights, tmp_path):
+    """The upsampled coarse result starts the full-size stage below where the content photo starts."""
+    workdir, _ = reference
+    recs = records.read_metrics(workdir / "metrics.jsonl")
+    fine_start = [r for r in recs if r["stage"] == 1][0]["loss"]
+    params, info = weights
+    single = run(_cfg(image_dir, scales=(), scale_steps=(), steps=1), tmp_path / "single", params=params,
+                 weights_info=info, handle_signals=False, log=lambda m: None)
+    photo_start = records.read_metrics(tmp_path / "single" / "metrics.jsonl")[0]["loss"]
+    assert single["steps_done"] == 1
+    assert fine_start < 0.75 * photo_start
+
+
+def _killed_copy(reference: Path, dest: Path, keep_stage1: list[int] | None) -> Path:
+    """The workdir as a SIGKILL would leave it: no final.png or manifest, checkpoints up to a point."""
+    shutil.copytree(reference, dest)
+    (dest / "final.png").unlink()
+    (dest / "manifest.json").unlink()
+    s1 = dest / "checkpoints" / "stage_1"
+    if keep_stage1 is None:
+        shutil.rmtree(s1)
+    else:
+        for d in s1.iterdir():
+            if d.name.isdigit() and int(d.name) not in keep_stage1:
+                shutil.rmtree(d)
+    return dest
+
+
+@pytest.mark.parametrize("keep_stage1, from_step", [(None, 6), ([2], 8)])
+def test_resume_across_and_within_stages_is_bit_identical(reference, weights, tmp_path, keep_stage1, from_step):
+    ref, _ = reference
+    workdir = _killed_copy(ref, tmp_path / "killed", keep_stage1)
+    params, info = weights
+    msgs = []
+    c = json.loads((ref / "config.json").read_text())
+    summary = run(config_lib.get_config().__class__(c), workdir, params=params, weights_info=info,
+                  handle_signals=False, log=msgs.append)
+    assert summary["resumed_from"] == from_step, msgs
+    assert any(f"from its checkpoint at step {from_step} of 12 (stage 2 of 2" in m for m in msgs), msgs
+    assert (workdir / "final.png").read_bytes() == (ref / "final.png").read_bytes()
+    ref_losses = [(r["step"], r["stage"], r["loss"]) for r in records.read_metrics(ref / "metrics.jsonl")]
+    got = [(r["step"], r["stage"], r["loss"]) for r in records.read_metrics(workdir / "metrics.jsonl")]
+    assert got == ref_losses
