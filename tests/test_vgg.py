@@ -83,3 +83,19 @@ def test_activations_are_those_of_a_trained_network(params, tubingen):
     zeros = float((np.asarray(out) == 0).mean())
     assert 0.3 < zeros < 0.98
     assert float(np.abs(out).mean()) > 3 * float(np.abs(gray).mean())
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("shape", [(1, 8, 6, 4), (2, 7, 9, 3)])
+def test_pooling_equals_flax_reduce_window(pooling, shape):
+    """The reshape-and-reduce pooling gives flax's values, odd sizes included (last row dropped)."""
+    import flax.linen as nn
+    import jax
+
+    from nstjax.vgg import pool2x2
+
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    ref = (nn.max_pool if pooling == "max" else nn.avg_pool)(x, (2, 2), strides=(2, 2))
+    got = pool2x2(x, pooling)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
