@@ -67,7 +67,8 @@ from nstjax.losses import Objective, objective_weights
 # and the initial image (inputs), and the progress bar. Every other field is part of the batch key,
 # so a field added later splits batches rather than being silently shared.
 TRACED_FIELDS = ("content_layers", "content_layer_weights", "style_layers", "style_layer_weights",
-                 "content_weight", "style_weight", "tv_weight", "seed", "init", "progress")
+                 "content_weight", "style_weight", "tv_weight", "seed", "init", "progress",
+                 "hist_layers", "hist_layer_weights", "hist_weight")
 SWEEP_FILES = ("sweep.json", "summary.csv", "grid.png", "loss_curves.png")
 POINTS_DIR = "points"
 MEMORY_FRACTION = 0.7  # of the memory a device reports free, for planning batches
@@ -317,20 +318,28 @@ def union_objective(specs: Sequence[RunSpec]) -> Objective:
     order = vgg.LAYER_INDEX.__getitem__
     content = sorted({l for s in specs for l in s.objective.content_layers}, key=order)
     style = sorted({l for s in specs for l in s.objective.style_layers}, key=order)
-    return Objective(tuple(content), tuple(style), o.pooling, o.content_norm, o.gram_norm, o.tv_kind)
+    hist = sorted({l for s in specs for l in s.objective.hist_layers}, key=order)
+    # The other static fields (pooling, norms, style statistic, regions) are the same in a batch.
+    return dataclasses.replace(o, content_layers=tuple(content), style_layers=tuple(style),
+                               hist_layers=tuple(hist))
 
 
 def point_weights(union: Objective, spec: RunSpec) -> dict:
     """A point's traced weights over the union's layers: its own layer weights, zero elsewhere."""
     w = objective_weights(spec.objective, spec.content_weight, spec.style_weight, spec.tv_weight,
-                          spec.content_layer_weights or None, spec.style_layer_weights or None)
+                          spec.content_layer_weights or None, spec.style_layer_weights or None,
+                          hist_weight=spec.hist_weight, hist_layer_weights=spec.hist_layer_weights or None)
     f32 = lambda x: np.float32(np.asarray(x))
-    return {
+    out = {
         "content_weight": f32(w["content_weight"]), "style_weight": f32(w["style_weight"]),
         "tv_weight": f32(w["tv_weight"]),
         "content_layers": {l: f32(w["content_layers"].get(l, 0.0)) for l in union.content_layers},
         "style_layers": {l: f32(w["style_layers"].get(l, 0.0)) for l in union.style_layers},
     }
+    if union.hist_layers:  # a point without histogram layers has them all at weight zero
+        out["hist_weight"] = f32(w.get("hist_weight", 0.0))
+        out["hist_layers"] = {l: f32(w.get("hist_layers", {}).get(l, 0.0)) for l in union.hist_layers}
+    return out
 
 
 def output_shape(spec: RunSpec) -> tuple[int, int]:
@@ -770,7 +779,7 @@ def _optimise_chunk(ctx: _Context, batch: Batch, pts: list[Point], problem, targ
             if ctx.writer and save_every and step % save_every == 0 and step < steps:
                 x_h = ctx.devices.host(x)
                 for j in running:
-                    images.save_png(dirs[j] / "images" / f"step_{step:06d}.png", x_h[j])
+                    images.save_png(dirs[j] / "images" / f"step_{step:06d}.png", problem.output(x_h[j]))
         final = {key: ctx.devices.host(v) for key, v in
                  ctx.devices.evaluate(ctx.params, targets_r, w, x, obj=obj, precision=spec0.precision).items()}
         x_h = ctx.devices.host(x)
@@ -781,7 +790,7 @@ def _optimise_chunk(ctx: _Context, batch: Batch, pts: list[Point], problem, targ
             if ctx.writer and bad is None:  # as a single run: a last line with the final terms
                 logs[j].write({"step": steps_done, **terms, "elapsed_s": time.time() - t_start,
                                "steps_per_s": None})
-            out.append((p, {"image": x_h[j], "steps_done": steps_done, "final_terms": terms,
+            out.append((p, {"image": problem.output(x_h[j]), "steps_done": steps_done, "final_terms": terms,
                             "first_step_s": first_s, "bad_terms": bad}))
     finally:
         bar.close()

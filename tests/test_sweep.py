@@ -453,3 +453,28 @@ def test_contact_sheet_labels_rows_and_columns_and_marks_missing_cells():
     assert ((a == 235).all(axis=-1)).sum() >= 128 * 96 * 0.9  # the missing cell, drawn gray
     left = a[:, :100]
     assert (left.min(axis=-1) < 100).sum() > 50  # row labels drawn in dark text
+
+
+def test_extension_options_sweep_like_single_runs(image_dir, weights, tmp_path):
+    """Histogram layers (traced: one batch), colour preservation and the style statistic (static:
+    their own batches) in a sweep give what each point gives run alone."""
+    from nstjax.run import run
+
+    params, info = weights
+    c = small_config(image_dir, axes=(("hist_layers", ((), ("relu1_1",))),
+                                      ("preserve_color", ("none", "luminance"))))
+    c.style_layers = ("relu1_1", "relu2_1")
+    c.steps = 4
+    said = []
+    out = sw.run_sweep(c, tmp_path / "sweep", params=params, weights_info=info, say=said.append,
+                       write_figures=False)
+    assert len(out["points"]) == 4 and len(out["batches"]) == 2, out["batches"]
+    for rec in out["points"]:
+        point = out["sweep"].points[rec["index"]]
+        alone = run(point.config, tmp_path / f"alone{point.index}", params=params, weights_info=info)
+        a, b = rec["image"], alone["image"]
+        assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b), point.values
+        assert set(rec["final"]) == set(alone["final_terms"]), point.values
+        assert rec["final"]["loss"] == pytest.approx(alone["final_terms"]["loss"], rel=1e-3)
+        if point.values["preserve_color"] == "luminance":  # chroma is the content's, not gray
+            assert np.std(a, axis=-1).mean() > 1.0
