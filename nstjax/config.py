@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(
         {"name": "lbfgs", "learning_rate": 1.0, "memory_size": 10})
     c.precision = "default"  # matmul/conv precision on accelerators: "default" or "highest"
+    # The optimised image's VGG convolutions in "float32" or "bfloat16" (fast on accelerators with
+    # bf16 units; targets, Grams and losses stay float32). docs/performance.md measures the effect.
+    c.compute_dtype = "float32"
     # Outputs.
     c.log_every = 10  # steps between metrics.jsonl lines (and progress bar updates)
     c.save_every = 0  # steps between intermediate images in images/; 0 = none
@@ -235,10 +238,11 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     if missing:
         raise ConfigError(f"config field(s) missing: {', '.join(sorted(missing))}")
     content_layers, style_layers = _layers(cfg, "content_layers"), _layers(cfg, "style_layers")
-    for name in ("pooling", "content_norm", "gram_norm", "tv_kind", "precision", "init", "weights_path"):
+    for name in ("pooling", "content_norm", "gram_norm", "tv_kind", "precision", "init", "weights_path",
+                 "compute_dtype"):
         _str(cfg, name)
     obj = Objective(content_layers, style_layers, cfg.pooling, cfg.content_norm, cfg.gram_norm,
-                    cfg.tv_kind)
+                    cfg.tv_kind, compute_dtype=cfg.compute_dtype)
     o = cfg.optimizer
     if not isinstance(o, (dict, ml_collections.ConfigDict)):
         raise ConfigError(f"optimizer must be a group of settings (name, learning_rate, ...), not {o!r}")

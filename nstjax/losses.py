@@ -115,6 +115,9 @@ def tv_loss(image: jax.Array, kind: str = "l2") -> jax.Array:
     raise ConfigError(f"tv_kind must be one of {TV_KINDS}, not {kind!r}")
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """The static part of the loss: which layers, which normalisation. Hashable, jit-static."""
@@ -128,6 +131,7 @@ class Objective:
     style_stat: str = "gram"  # what the style layers match: "gram", "mean_std" or "w2"
     hist_layers: tuple[str, ...] = ()  # layers of the histogram loss (Risser et al. 2017)
     regions: int = 0  # masked regions, one style image each (Gatys et al. 2017); 0 = none
+    compute_dtype: str = "float32"  # the optimised image's VGG convolutions: "float32" or "bfloat16"
 
     def __post_init__(self):
         vgg.check_layers(self.content_layers, "content layer")
@@ -142,6 +146,8 @@ class Objective:
                 raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
         if not self.content_layers and not self.style_layers and not self.hist_layers:
             raise ConfigError("at least one content, style or histogram layer is needed")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {self.compute_dtype!r}")
         if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 0:
             raise ConfigError(f"regions must be a non-negative integer, not {self.regions!r}")
 
@@ -357,7 +363,7 @@ def loss_terms(params, image, targets, weights, obj: Objective, precision=None) 
     With masked regions, a layer's style (and histogram) term is the sum over the regions of their
     guided losses, each normalised by its region's area.
     """
-    feats = vgg.apply_features(params, image[None], obj.layers, obj.pooling, precision)
+    feats = vgg.apply_features(params, image[None], obj.layers, obj.pooling, precision, obj.compute_dtype)
     terms = {}
     content = jnp.float32(0.0)
     for l in obj.content_layers:

@@ -118,10 +118,19 @@ def _features(params, image, layers, pooling, precision):
     return VGG19(outputs=layers, pooling=pooling, precision=precision).apply(params, x)
 
 
-def apply_features(params, image, layers: Sequence[str], pooling: str = "max", precision=None):
-    """Un-jitted feature extraction for use inside other transformed functions."""
+def apply_features(params, image, layers: Sequence[str], pooling: str = "max", precision=None,
+                   dtype: str = "float32"):
+    """Un-jitted feature extraction for use inside other transformed functions.
+
+    ``dtype="bfloat16"`` runs the convolutions in bfloat16 (weights cast, accumulation as the
+    backend does it) for accelerators with fast bf16 units; the activations returned are float32,
+    so everything computed from them (Grams, losses) stays in float32."""
     x = preprocess(image)
-    return VGG19(outputs=tuple(layers), pooling=pooling, precision=precision).apply(params, x)
+    if dtype == "float32":
+        return VGG19(outputs=tuple(layers), pooling=pooling, precision=precision).apply(params, x)
+    out = VGG19(outputs=tuple(layers), pooling=pooling, precision=precision,
+                dtype=jnp.dtype(dtype)).apply(params, x.astype(dtype))
+    return {k: v.astype(jnp.float32) for k, v in out.items()}
 
 
 def features(params, image, layers: Iterable[str], pooling: str = "max", precision=None) -> dict:

@@ -99,3 +99,25 @@ def test_pooling_equals_flax_reduce_window(pooling, shape):
     got = pool2x2(x, pooling)
     assert got.shape == ref.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_convolutions_stay_close_to_float32(params, tubingen):
+    """compute_dtype="bfloat16": float32 activations out, within bf16's ~3 significant digits."""
+    from nstjax.vgg import apply_features
+
+    layers = ("relu1_1", "relu3_1", "relu5_1")
+    f32 = apply_features(params, tubingen[None], layers)
+    bf16 = apply_features(params, tubingen[None], layers, dtype="bfloat16")
+    for l in layers:
+        assert bf16[l].dtype == np.float32
+        err = np.linalg.norm(np.asarray(bf16[l]) - np.asarray(f32[l])) / np.linalg.norm(np.asarray(f32[l]))
+        assert 0 < err < 3e-2, (l, err)
+
+
+def test_unknown_compute_dtype_is_a_config_error():
+    from nstjax.config import get_config, validate
+
+    c = get_config()
+    c.compute_dtype = "float16"
+    with pytest.raises(ConfigError, match="compute_dtype must be one of float32, bfloat16"):
+        validate(c)
