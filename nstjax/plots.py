@@ -108,11 +108,11 @@ def contact_sheet(cells: Sequence[Cell], *, row_title: str = "", col_title: str 
     label_w = int(max([_width(f_label, l) for ls in row_lines.values() for l in ls]
                       + [_width(f_label, l) for l in corner] + [40]))
     header_h = max([len(ls) for ls in col_lines.values()] + [len(corner), 1]) * lh
-    title_lines = wrap(title, f_title, label_w + len(cols) * (box_w + GAP) + 200) if title else []
     cell_h = box_h + ch + 4
     row_h = [max(cell_h, len(row_lines[r]) * lh) for r in rows]
 
     width = MARGIN + label_w + GAP + len(cols) * (box_w + GAP) - GAP + MARGIN
+    title_lines = wrap(title, f_title, width - 2 * MARGIN) if title else []
     top = MARGIN + len(title_lines) * th + (GAP if title_lines else 0)
     height = top + header_h + GAP + sum(row_h) + GAP * (len(rows) - 1) + MARGIN
     sheet = Image.new("RGB", (int(width), int(height)), "white")
