@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             return _fail(e)
         except KeyboardInterrupt:
-            return _fail("interrupted; run the same command again to finish the points not yet done")
+            print("nstjax: interrupted; finished points are kept: run the same command again to finish "
+                  "the points not yet done", file=sys.stderr)
+            return 130
     try:
         if fv.replay:
             from nstjax.replay import replay

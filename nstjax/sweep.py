@@ -989,7 +989,10 @@ def main(cfg: ml_collections.ConfigDict, workdir: str | None, *, overwrite: bool
     if not is_sweep(cfg):
         spec = validate(cfg)
         if dry_run:
-            print(f"no sweep in this config: one run, {spec.steps} steps "
+            from nstjax import multiscale
+
+            total = sum(st.steps for st in multiscale.stages(spec))
+            print(f"no sweep in this config: one run, {total} steps "
                   f"(add sweep.axes or sweep.points to sweep)")
             return 0
     sweep = expand(cfg)
