@@ -415,6 +415,9 @@ def inspect_workdir(workdir: Path, cfg: ml_collections.ConfigDict, overwrite: bo
     replace it) or ``"resume"`` (an unfinished run of this same config). Raises a one-line
     :class:`UserError` for a workdir holding a finished run or another config's run. Changes
     nothing on disk."""
+    if (workdir / "sweep.json").exists() or (workdir / "points").is_dir():
+        raise UserError(f"workdir {workdir} holds a sweep (sweep.json, points/); choose another --workdir "
+                        "for a single run")
     present = _run_files(workdir)
     if not present:
         return "new"

@@ -39,6 +39,7 @@ sweep started again on the same workdir runs only the others.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -826,7 +827,23 @@ def _optimise_chunk(ctx: _Context, batch: Batch, pts: list[Point], problem, targ
     return results
 
 
-def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite: bool = False,
+def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, **kwargs) -> dict:
+    """:func:`_run_sweep` holding the workdir's lock, as a single run does, so two processes never
+    write one sweep (multi-host sweeps, whose hosts share the workdir, go without it)."""
+    from nstjax.run import workdir_lock
+
+    workdir = Path(workdir)
+    distributed = bool(cfg.get("sweep", {}).get("distributed", False))
+    if not distributed:
+        with contextlib.suppress(OSError):
+            workdir.mkdir(parents=True, exist_ok=True)
+    if distributed or not workdir.is_dir():  # an unusable workdir: _run_sweep says why
+        return _run_sweep(cfg, workdir, **kwargs)
+    with workdir_lock(workdir):
+        return _run_sweep(cfg, workdir, **kwargs)
+
+
+def _run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite: bool = False,
               params=None, weights_info=None, say: Callable[[str], None] | None = None,
               write_figures: bool = True, devices: Sequence | None = None) -> dict:
     """Runs every point of ``cfg``'s sweep not yet done in ``workdir``; writes all the files.

@@ -478,3 +478,19 @@ def test_extension_options_sweep_like_single_runs(image_dir, weights, tmp_path):
         assert rec["final"]["loss"] == pytest.approx(alone["final_terms"]["loss"], rel=1e-3)
         if point.values["preserve_color"] == "luminance":  # chroma is the content's, not gray
             assert np.std(a, axis=-1).mean() > 1.0
+
+
+def test_a_sweep_workdir_is_locked_and_refused_to_single_runs(swept, image_dir, tmp_path, capsys):
+    from nstjax.cli import main as cli_main
+    from nstjax.errors import UserError
+    from nstjax.run import workdir_lock
+
+    workdir = swept[0]
+    code = cli_main(["nstjax", f"--workdir={workdir}", "--config.size=64", "--config.steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "holds a sweep" in err, err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with workdir_lock(busy):
+        with pytest.raises(UserError, match="in use by another nstjax process"):
+            sw.run_sweep(small_config(image_dir), busy)
