@@ -85,7 +85,7 @@ class VGG19(nn.Module):
                 x = nn.Conv(layer_channels(name), (3, 3), padding=((1, 1), (1, 1)), name=name,
                             precision=self.precision, dtype=self.dtype)(x)
             elif kind == "relu":
-                x = nn.relu(x)
+                x = relu(x)
             else:
                 x = pool2x2(x, self.pooling)
             if name in wanted:
@@ -96,14 +96,92 @@ class VGG19(nn.Module):
 def pool2x2(x: jax.Array, pooling: str) -> jax.Array:
     """2x2 pooling with stride 2 on NHWC, dropping an odd last row or column (as VALID padding does).
 
-    Written as a reshape and a max (or mean) rather than ``flax.linen.max_pool``: XLA:CPU expands a
-    reduce-window's gradient into index tensors and a scatter, 21 % of a step's time and 0.86 GB at
-    1024x768 for pool1 alone (docs/performance.md); this gradient is elementwise. The values are the
-    same; where a window has tied maxima the gradient is split between them instead of given to one.
-    """
+    Not ``flax.linen.max_pool``: XLA:CPU expands a reduce-window's gradient into index tensors and a
+    scatter, 21 % of a step's time and 0.86 GB at 1024x768 for pool1 alone (docs/performance.md).
+    Max pooling is :func:`_max_pool2x2`, whose backward pass keeps one byte per *output* element;
+    average pooling is a reshape and a mean (linear: its backward pass keeps nothing)."""
     n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-    return x.max(axis=(2, 4)) if pooling == "max" else x.mean(axis=(2, 4))
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    if pooling == "max":
+        return _max_pool2x2(x)
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def _corners(x):
+    """The four corners of every 2x2 window of an NHWC array of even height and width."""
+    n, h, w, c = x.shape
+    r = x.reshape(n, h // 2, 2, w // 2, 2, c)
+    return r[:, :, 0, :, 0], r[:, :, 0, :, 1], r[:, :, 1, :, 0], r[:, :, 1, :, 1]
+
+
+@jax.custom_vjp
+def _max_pool2x2(x):
+    """2x2 max pooling with stride 2 of an NHWC array of even height and width.
+
+    Its gradient goes to the first maximum of each window in row-major order (as in Caffe, torch
+    and flax), found again from a uint8 index saved by the forward pass: the backward pass keeps
+    1/16 of the bytes of the float indicator tensors that JAX's gradient of a max keeps (201 MB at
+    pool1 at 1024x768), and XLA:CPU's reduce-window gradient (index tensors and a scatter)."""
+    return _max_pool2x2_fwd(x)[0]
+
+
+def _max_pool2x2_fwd(x):
+    a, b, c, d = _corners(x)
+    m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+    idx = jnp.where(a == m, 0, jnp.where(b == m, 1, jnp.where(c == m, 2, 3))).astype(jnp.uint8)
+    return m, jax.lax.optimization_barrier(idx)
+
+
+def _max_pool2x2_bwd(res, g):
+    idx = res
+    zero = jnp.zeros_like(g)
+    a, b, c, d = (jnp.where(idx == k, g, zero) for k in range(4))
+    n, h, w, ch = g.shape
+    shape = (n, 2 * h, 2 * w, ch)
+    top = jnp.stack([a, b], axis=3)  # (n, h/2, w/2, 2, c)
+    bottom = jnp.stack([c, d], axis=3)
+    return (jnp.stack([top, bottom], axis=2).reshape(shape),)
+
+
+_max_pool2x2.defvjp(_max_pool2x2_fwd, _max_pool2x2_bwd)
+
+
+@jax.custom_vjp
+def relu(x):
+    """``max(x, 0)`` whose backward pass keeps a boolean mask (one byte per element) instead of a
+    float activation. The barrier stops XLA from fusing the comparison into the backward pass, which
+    would keep the float input alive instead (four 201 MB activations of block 1 at 1024x768)."""
+    return jnp.maximum(x, 0)
+
+
+_BITS = jnp.asarray([1, 2, 4, 8, 16, 32, 64, 128], jnp.uint8)
+
+
+def _pack_bits(mask):
+    """A boolean array whose last axis divides by 8, packed 8 to a byte along it."""
+    m = mask.reshape(*mask.shape[:-1], mask.shape[-1] // 8, 8).astype(jnp.uint8)
+    return (m * _BITS).sum(axis=-1, dtype=jnp.uint8)
+
+
+def _unpack_bits(packed):
+    m = (packed[..., None] & _BITS) != 0
+    return m.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+
+
+def _relu_fwd(x):
+    y = jnp.maximum(x, 0)
+    if x.ndim == 0 or x.shape[-1] % 8:  # not VGG's channel counts: a plain boolean mask
+        return y, x > 0
+    return y, _pack_bits(x > 0)
+
+
+def _relu_bwd(mask, g):
+    if mask.dtype != jnp.bool_:
+        mask = _unpack_bits(mask)
+    return (jnp.where(mask, g, jnp.zeros_like(g)),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
 
 
 def check_pooling(pooling: str) -> str:

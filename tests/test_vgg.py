@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -121,3 +122,90 @@ def test_unknown_compute_dtype_is_a_config_error():
     c.compute_dtype = "float16"
     with pytest.raises(ConfigError, match="compute_dtype must be one of float32, bfloat16"):
         validate(c)
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("shape", [(1, 8, 10, 16), (2, 7, 9, 8)])
+def test_pooling_gradient_equals_flax(pooling, shape):
+    """The hand-written backward pass of max pooling (a uint8 index per output) gives flax's
+    gradient, also where a window has tied maxima (flax's reduce-window gives it to the first
+    maximum in row-major order, and so does ours)."""
+    import flax.linen as nn
+    import jax
+
+    from nstjax.vgg import pool2x2
+
+    x = jax.random.normal(jax.random.PRNGKey(2), shape)
+    x = x.at[:, :4, :4].set(jnp.round(x[:, :4, :4]))  # ties in some windows
+    x = x.at[0, 0:2, 0:2, 0].set(1.5)  # a window of four equal maxima
+    g = jax.random.normal(jax.random.PRNGKey(3), pool2x2(x, pooling).shape)
+    ref_pool = nn.max_pool if pooling == "max" else nn.avg_pool
+    ref = jax.grad(lambda z: jnp.sum(ref_pool(z, (2, 2), strides=(2, 2)) * g))(x)
+    got = jax.grad(lambda z: jnp.sum(pool2x2(z, pooling) * g))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    if pooling == "max":
+        assert float(got[0, 0, 0, 0]) == float(g[0, 0, 0, 0]) and float(got[0, 1, 1, 0]) == 0.0
+
+
+def test_relu_gradient_is_the_mask():
+    import jax
+
+    from nstjax.vgg import relu
+
+    x = jnp.asarray([[-2.0, -0.0, 0.0, 1e-30, 3.0, -1e-30, 7.0, 0.5] * 3])  # 24 channels: 3 bytes
+    g = jnp.arange(1.0, 25.0)[None]
+    got = jax.grad(lambda z: jnp.sum(relu(z) * g))(x)
+    ref = jax.grad(lambda z: jnp.sum(jax.nn.relu(z) * g))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(relu(x)), np.asarray(jax.nn.relu(x)))
+    x5, g5 = x[:, :5], g[:, :5]  # a channel count that does not pack into bytes
+    np.testing.assert_array_equal(np.asarray(jax.grad(lambda z: jnp.sum(relu(z) * g5))(x5)),
+                                  np.asarray(jax.grad(lambda z: jnp.sum(jax.nn.relu(z) * g5))(x5)))
+
+
+def test_vgg_gradient_equals_the_plain_jax_network(params, tubingen):
+    """VGG-19's custom backward passes (ReLU masks packed to bits, max pooling's uint8 index)
+    give the gradient JAX derives for the plain network (flax pooling, jax.nn.relu)."""
+    import flax.linen as nn
+    import jax
+
+    from nstjax import vgg
+
+    layers = ("relu1_1", "relu2_1", "relu3_1", "relu4_2", "relu5_1")
+    x = jnp.asarray(tubingen[:64, :80], jnp.float32)[None]
+
+    def loss(z):
+        f = vgg.apply_features(params, z, layers, "max")
+        return sum(jnp.sum(jnp.sin(v * 0.01 + i)) for i, v in enumerate(f.values()))
+
+    got = jax.grad(loss)(x)
+    saved = vgg.relu, vgg.pool2x2
+    vgg.relu = nn.relu
+    vgg.pool2x2 = lambda z, p: nn.max_pool(z, (2, 2), strides=(2, 2))
+    try:
+        ref = jax.grad(loss)(x)
+    finally:
+        vgg.relu, vgg.pool2x2 = saved
+    err = float(jnp.abs(got - ref).max() / jnp.abs(ref).max())
+    assert err < 1e-5, err
+
+
+def test_backward_pass_keeps_little_memory(params):
+    """The compiled value-and-grad of a style loss through relu5_1 needs less temporary memory
+    than the activations it differentiates through (about 1,280 bytes per input pixel): masks
+    are kept as bits and bytes, the Gram gradient is one product (docs/performance.md)."""
+    import jax
+
+    from nstjax import losses, memory, vgg
+
+    layers = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    h, w = 192, 256
+    targets = {l: jnp.eye(vgg.layer_channels(l)) for l in layers}
+
+    def loss(z):
+        f = vgg.apply_features(params, z[None], layers, "max")
+        return sum(losses.style_loss(f[l], targets[l]) for l in layers)
+
+    c = jax.jit(jax.value_and_grad(loss)).lower(jnp.zeros((h, w, 3))).compile()
+    temp = c.memory_analysis().temp_size_in_bytes
+    assert temp < 1.2 * memory.act_bytes_per_pixel(layers) * h * w, temp
