@@ -98,9 +98,18 @@ def test_lbfgs_history_ignores_a_non_finite_gradient():
         x = x - 0.1 * (k + 1)
     assert int(state.size) == 2
     _, bad = tx.update(jnp.full_like(x, jnp.nan), state, x)
-    np.testing.assert_array_equal(np.asarray(bad.s), np.asarray(state.s))
-    np.testing.assert_array_equal(np.asarray(bad.y), np.asarray(state.y))
+    # The ring of m pairs is untouched; the rejected pair went to the scratch slot m.
+    np.testing.assert_array_equal(np.asarray(bad.s[:4]), np.asarray(state.s[:4]))
+    np.testing.assert_array_equal(np.asarray(bad.y[:4]), np.asarray(state.y[:4]))
+    assert np.isnan(np.asarray(bad.y[4])).all()  # y = grad - prev_grad
     assert int(bad.size) == 2 and int(bad.head) == int(state.head)
+    # ...and the scratch slot is never read: the next step's direction is the same, and finite.
+    g = 2.0 * (x - 0.5)
+    d_bad, _ = tx.update(g, bad._replace(count=state.count, prev_params=state.prev_params,
+                                         prev_grad=state.prev_grad), x)
+    d_good, _ = tx.update(g, state, x)
+    assert np.isfinite(np.asarray(d_bad)).all()
+    np.testing.assert_array_equal(np.asarray(d_bad), np.asarray(d_good))
 
 
 def test_lbfgs_freezes_on_the_last_good_image(problem, tubingen):
