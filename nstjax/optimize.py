@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nstjax import lbfgs
+from nstjax import lbfgs, memory
 from nstjax.errors import ConfigError
 from nstjax.losses import Objective, loss_terms
 
@@ -182,8 +182,26 @@ def run_steps(params, targets, weights, image, opt_state, *, obj: Objective, spe
     evaluation was not finite: ``done`` steps were taken, entry ``done`` of ``terms`` holds the bad
     evaluation, and the image returned is the last good one.
     """
-    return _run_steps(params, targets, weights, image, _unaliased(opt_state), obj=obj, spec=spec,
-                      n_steps=n_steps, precision=precision)
+    args = (params, targets, weights, image, _unaliased(opt_state))
+    key = (obj, spec, n_steps, precision, jax.tree.structure(args),
+           tuple((np.shape(x), jnp.result_type(x), bool(getattr(x, "weak_type", False)))
+                 for x in jax.tree.leaves(args)))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _run_steps.lower(*args, obj=obj, spec=spec, n_steps=n_steps,
+                                    precision=precision).compile()
+        # What the compiler freed stays with the process unless handed back (about 0.4 GB for a
+        # 10-step chunk), and the chunk's own buffers would then come on top of it.
+        memory.release_free_memory()
+        if len(_COMPILED) >= 16:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = compiled
+    return compiled(*args)
+
+
+# run_steps's compiled chunks, compiled ahead of time (so the compiler's memory can be released
+# before the first chunk runs), by static arguments and argument types; the 16 newest are kept.
+_COMPILED: dict = {}
 
 
 @partial(jax.jit, static_argnames=("obj", "precision"))

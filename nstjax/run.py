@@ -176,6 +176,7 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
                                 spec.content_layer_weights or None, spec.style_layer_weights or None,
                                 hist_weight=spec.hist_weight,
                                 hist_layer_weights=spec.hist_layer_weights or None)
+    memory.release_free_memory()  # the targets' forward passes are done
     rng = jax.random.PRNGKey(spec.seed)
     if init_array is not None:
         image = multiscale.upsample(init_array, content.shape[:2])
