@@ -15,12 +15,14 @@ manifest and reports whether the result is bit-identical.
 
 Exit codes: 0 done (replay: IDENTICAL); 1 replay: DIFFERENT; 2 bad input or a refused workdir,
 reported as one line ``nstjax: error: ...``, never a traceback; 130 / 143 stopped by SIGINT /
-SIGTERM after saving a checkpoint (run the same command again to resume).
+SIGTERM after saving a checkpoint (run the same command again to resume); 141 (128 + SIGPIPE)
+stdout closed early (``nstjax --dry_run ... | head``), quietly, as if killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from absl import flags
@@ -31,6 +33,7 @@ from nstjax.errors import RunInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_REPLAY_DIFFERENT = 1
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: what a shell reports for a program killed by SIGPIPE
 
 
 def make_flags(argv: list[str]) -> flags.FlagValues:
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         print("nstjax: interrupted at once by a second Ctrl-C; the last periodic checkpoint is kept "
               "(run the same command again to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader went away: not an error to report (see entry)
+        raise
     except OSError as e:  # a full disk, a file vanishing under us: still one line, not a traceback
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         return _fail(f"{e.strerror or e}{where}")
@@ -149,7 +154,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # so a reader that went away shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # The reader of stdout stopped reading (``| head -1``). Python ignores SIGPIPE, so the write
+        # raised instead of ending the process: end quietly, with the exit code of a SIGPIPE death.
+        # Point stdout at /dev/null first, or the interpreter's final flush of what is still
+        # buffered fails again and prints "Exception ignored ... BrokenPipeError" to stderr.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,27 @@ def test_shipped_configs_validate(name):
         assert run.objective.pooling == "avg" and run.init == "noise"
         assert run.content_weight / run.style_weight == pytest.approx(1e-3)
         assert run.style_layer_weights == (0.2,) * 5
+
+
+def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    """``nstjax --dry_run ... | head -1``: the reader goes away after one line. nstjax ends with
+    exit 141 (128 + SIGPIPE, what a shell reports for a program killed by SIGPIPE) and nothing about
+    it on stderr. The listing of 2500 points (about 100 KB, more than a pipe holds) makes sure it
+    is still writing when the pipe closes."""
+    cfg = tmp_path / "big.py"
+    cfg.write_text("from nstjax.config import base_config\n"
+                   "def get_config():\n    c = base_config()\n"
+                   "    c.sweep.axes = (('seed', tuple(range(2500))),)\n    return c\n")
+    with open(tmp_path / "stderr", "wb") as err_file:
+        p = subprocess.Popen([sys.executable, "-m", "nstjax", f"--config={cfg}", "--dry_run"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=err_file, bufsize=0)
+        try:
+            first = p.stdout.readline()
+            p.stdout.close()
+            code = p.wait(timeout=300)
+        finally:
+            p.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert first.startswith(b"sweep: 2500 points over seed"), first
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+    assert code == 141, err
