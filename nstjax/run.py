@@ -650,7 +650,12 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
     def stage_problem(k: int, init_array) -> Problem:
         return problem if k == 0 else load_problem(stage_specs[k], params, weights_info, init_array=init_array)
 
+    def stage_record(k: int, pk: Problem) -> dict:
+        h, w = pk.content.shape[:2]
+        return {"stage": k, "size": [h, w], "steps": stage_specs[k].steps, "first_step": offsets[k]}
+
     k0, start, resumes, prev_image = 0, None, [], None
+    stages_record = []  # every stage's: those a resume finds finished, then those run now
     if plan == "resume":
         meta, pk = None, problem
         for k, st in enumerate(stage_specs):
@@ -665,6 +670,7 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
                 break
             if found[0].step == st.steps and k < last:  # a finished stage: its result starts the next
                 prev_image, meta = found[0].image, found[1]
+                stages_record.append(stage_record(k, pk))
                 continue
             start, meta = found
             break
@@ -683,7 +689,6 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
     records.truncate_metrics(workdir / "metrics.jsonl", offsets[k0] + (start.step if start else 0),
                              before_stage=k0 if multi else None)
 
-    stages_record = []
     log_file = records.MetricsLog(workdir / "metrics.jsonl")
     t_opt = time.time()
     first_chunk_s = None
@@ -698,7 +703,7 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
                     shutil.rmtree(ckpt_dir(k), ignore_errors=True)  # left by an earlier attempt
             ckpts = Checkpoints(ckpt_dir(k), spec.checkpoint_keep, log) if use_ckpts else None
             h, w = problem.content.shape[:2]
-            stages_record.append({"stage": k, "size": [h, w], "steps": st.steps, "first_step": offsets[k]})
+            stages_record.append(stage_record(k, problem))
 
             def save_checkpoint(state: RunState, ckpts=ckpts) -> None:
                 if ckpts is None:

@@ -135,3 +135,5 @@ def test_resume_across_and_within_stages_is_bit_identical(reference, weights, tm
     ref_losses = [(r["step"], r["stage"], r["loss"]) for r in records.read_metrics(ref / "metrics.jsonl")]
     got = [(r["step"], r["stage"], r["loss"]) for r in records.read_metrics(workdir / "metrics.jsonl")]
     assert got == ref_losses
+    manifest, ref_manifest = (json.loads((w / "manifest.json").read_text()) for w in (workdir, ref))
+    assert manifest["stages"] == ref_manifest["stages"]  # every stage, not only those run after the resume
