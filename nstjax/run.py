@@ -7,7 +7,11 @@ Files in the workdir:
 - ``config.json``: the resolved config (every field, after command-line overrides);
 - ``metrics.jsonl``: one JSON object per logged step: ``step``, ``loss``, ``content``, ``style``,
   ``tv``, each layer's term (``content/relu4_2``, ``style/relu1_1``, ...; all weighted, so they sum
-  to ``loss``), ``elapsed_s`` since the run started and ``steps_per_s``;
+  to ``loss``), ``elapsed_s`` since the run started and ``steps_per_s``. A multi-scale run counts
+  ``step`` over all its stages and adds ``stage``, ``stage_step`` (the step within the stage) and
+  ``size``; at each stage boundary two lines share a ``step``: the stage's last (its result at its
+  size, ``stage_step`` = its steps) and the next stage's first (that image upsampled, evaluated at
+  the next size before any step, ``stage_step`` = 0). So (``step``, ``stage``) strictly increases;
 - ``images/step_XXXXXX.png``: intermediate images, when ``save_every`` > 0 (and the image at an
   interruption);
 - ``checkpoints/<step>/``: orbax checkpoints of the image and optimiser state every
@@ -631,7 +635,8 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
     ``config.scales`` one after another, each starting from the previous one's result upsampled.
     ``problem`` is the first stage's. A multi-scale run keeps each stage's checkpoints in
     ``checkpoints/stage_K/`` (a finished stage's last one is its result) and logs global steps with
-    the ``stage`` and ``size`` of each record."""
+    the ``stage``, ``stage_step`` and ``size`` of each record (see the module docstring: a stage's
+    last record and the next stage's first share their global step)."""
     if plan == "overwrite":
         clear_run(workdir)
     _remove_stale_temporaries(workdir)
@@ -717,7 +722,8 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
 
             def on_log(rec: dict, k=k, h=h, w=w) -> None:
                 if multi:
-                    rec = {**rec, "step": rec["step"] + offsets[k], "stage": k, "size": [h, w]}
+                    rec = {**rec, "step": rec["step"] + offsets[k], "stage": k, "stage_step": rec["step"],
+                           "size": [h, w]}
                 log_file.write(rec)
 
             summary = optimise(
