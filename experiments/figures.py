@@ -23,8 +23,8 @@ they are nstjax's ``reluX_Y`` (see configs/gatys2015.py). Points that share imag
 compiled program; each figure's output directory holds
 
   figure.png       the labelled figure
-  losses.csv       one row per cell: the swept values, steps, final loss and every term (no timings,
-                   so a second run gives the same file)
+  losses.csv       one row per cell: the swept values, steps done, final loss and every term, named
+                   as in summary.csv (no timings, so a second run gives the same file)
   loss_curves.png  the loss of every cell against the step
   manifest.json    figure, mode, command, the sweep's config, seed, package versions, weights sha256,
                    and for each cell its point directory
@@ -170,7 +170,12 @@ TITLES = {
 
 
 def losses_csv(sweep, rows: list[dict]) -> str:
-    """One row per cell: the swept values, status, steps and every final term; no timings."""
+    """One row per cell: the swept values, status, steps done and every final term; no timings.
+    Columns named as in the sweep's summary.csv (``steps_done``, ``loss``, ``content_loss``,
+    ``style_loss``, ``style/relu1_1``, ...: :func:`nstjax.sweep.term_column`), so a figure sweeping
+    ``style`` has one ``style`` column, the painting."""
+    from nstjax.sweep import term_column
+
     terms: list[str] = []
     for r in rows:
         for t in r["manifest"].get("final", {}):
@@ -178,7 +183,7 @@ def losses_csv(sweep, rows: list[dict]) -> str:
                 terms.append(t)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["index", *sweep.fields, "status", "steps", *terms])
+    w.writerow(["index", *sweep.fields, "status", "steps_done", *map(term_column, terms)])
     for r in rows:
         p, m = r["point"], r["manifest"]
         values = []

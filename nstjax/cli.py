@@ -14,15 +14,22 @@ config from its last checkpoint; --overwrite starts over. --replay re-runs a fin
 manifest and reports whether the result is bit-identical.
 
 Exit codes: 0 done (replay: IDENTICAL); 1 replay: DIFFERENT; 2 bad input or a refused workdir,
-reported as one line ``nstjax: error: ...``, never a traceback; 130 / 143 stopped by SIGINT /
-SIGTERM after saving a checkpoint (run the same command again to resume).
+reported as one line ``nstjax: error: ...``, never a traceback (an error in a --config file:
+``nstjax: error: FILE: Type: message (line N)``); 130 / 143 stopped by SIGINT /
+SIGTERM after saving a checkpoint (run the same command again to resume); 141 (128 + SIGPIPE)
+stdout closed early (``nstjax --dry_run ... | head``), quietly, as if killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
+import signal
 import sys
+import traceback
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -31,6 +38,74 @@ from nstjax.errors import RunInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_REPLAY_DIFFERENT = 1
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: what a shell reports for a program killed by SIGPIPE
+
+
+class ConfigFileError(UserError):
+    """An error in a --config file or its get_config(): ``<file>: <Type>: <message> (line N)``."""
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def describe_config_error(path: str, e: BaseException) -> str:
+    """``<path>: <Type>: <message> (line N)``, N the line of ``path`` it happened on (of a
+    SyntaxError in it, else the last frame of the traceback in it), left out when none is."""
+    line, message = None, str(e)
+    if isinstance(e, SyntaxError) and e.filename and _same_file(e.filename, path):
+        line, message = e.lineno, e.msg
+    else:
+        for frame in traceback.extract_tb(e.__traceback__):
+            if _same_file(frame.filename, path):
+                line = frame.lineno
+    return (f"{path}: {type(e).__name__}" + (f": {message}" if message else "")
+            + (f" (line {line})" if line else ""))
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+    """Does what ml_collections' parser of ``--config=FILE[:ARG]`` does (load FILE, call
+    ``get_config(ARG)``, lock the result), except that any error in FILE or its get_config() is
+    raised as a :class:`ConfigFileError` naming the file and line. (ml_collections turns a
+    TypeError or ValueError into a flag error whose message is the whole traceback, keeps an
+    OSError for the first use of the config, where it surfaces as a traceback, and lets the others
+    through without saying where; absl wraps only TypeError and ValueError, so this one passes.)"""
+
+    def __init__(self, name: str, original: flags.ArgumentParser):
+        self.module_name = f"{name}_config"  # the module name ml_collections gives the file
+        self._original = original
+
+    def flag_type(self) -> str:
+        return self._original.flag_type()
+
+    def parse(self, path):
+        file, *arg = path.split(":", 1)  # as ml_collections splits it
+        try:
+            loader = importlib.machinery.SourceFileLoader(self.module_name, os.path.expanduser(file))
+            module = importlib.util.module_from_spec(importlib.util.spec_from_loader(self.module_name, loader))
+            sys.modules[self.module_name] = module  # as load_module() did: dataclasses, pickle look there
+            try:
+                loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(self.module_name, None)
+                raise
+            get_config = getattr(module, "get_config", None)
+            if not callable(get_config):
+                raise ConfigFileError(f"{file}: defines no get_config() function")
+            config = get_config(*arg)
+        except ConfigFileError:
+            raise
+        except Exception as e:  # the config file is user code: any error in it is the user's to fix
+            raise ConfigFileError(describe_config_error(file, e)) from None
+        if not isinstance(config, ml_collections.ConfigDict):
+            missing = " (is its return missing?)" if config is None else ""
+            raise ConfigFileError(f"{file}: get_config() returned {type(config).__name__}, not an "
+                                  f"ml_collections.ConfigDict{missing}")
+        config.lock()
+        return config
 
 
 def make_flags(argv: list[str]) -> flags.FlagValues:
@@ -40,6 +115,10 @@ def make_flags(argv: list[str]) -> flags.FlagValues:
         "config", os.path.abspath(_config_module.__file__),
         "Config file defining get_config() (default: the built-in default).", flag_values=fv,
         sys_argv=argv)
+    flag = fv["config"]
+    # For --config=FILE (the default, ours, is parsed already). Keyword arguments, so that absl
+    # makes a new parser rather than caching one per original parser for ever.
+    flag.parser = _ConfigFileParser(name="config", original=flag.parser)
     flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace a run in --workdir instead of refusing (or resuming).",
                       flag_values=fv)
@@ -67,11 +146,13 @@ def _parse(argv: list[str]):
         fv = make_flags(argv)
         fv(argv)
         fv.config  # loads the file and applies the overrides
+    except ConfigFileError as e:
+        return None, _fail(e)
     except flags.Error as e:
         return None, _fail(e)
     except (AttributeError, KeyError) as e:
         return None, _fail(f"unknown config field {str(e).strip(chr(34))}")
-    except Exception as e:  # the config file is user code: any error in it is the user's to fix
+    except Exception as e:  # an override that does not fit the config, say
         return None, _fail(f"bad --config: {type(e).__name__}: {e}")
     if not fv.workdir and not fv.replay and not fv.dry_run:
         return None, _fail("--workdir is required (the directory for the run's outputs)")
@@ -133,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print("nstjax: interrupted at once by a second Ctrl-C; the last periodic checkpoint is kept "
               "(run the same command again to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader went away: not an error to report (see entry)
+        raise
     except OSError as e:  # a full disk, a file vanishing under us: still one line, not a traceback
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         return _fail(f"{e.strerror or e}{where}")
@@ -149,7 +232,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # so a reader that went away shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # The reader of stdout stopped reading (``| head -1``). Python ignores SIGPIPE, so the write
+        # raised instead of ending the process: end quietly, with the exit code of a SIGPIPE death.
+        # Point stdout at /dev/null first, or the interpreter's final flush of what is still
+        # buffered fails again and prints "Exception ignored ... BrokenPipeError" to stderr.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ image, runs 50 steps there, upsamples again and finishes with ``config.steps`` a
 Each stage recomputes its content and style targets at its own size (the style image keeps its size
 relative to the output). A step at half the size costs about a quarter, so the coarse stages settle
 the large-scale structure cheaply (Gatys et al. 2017, sec. 5; jcjohnson/neural-style's multires).
+
+``metrics.jsonl`` counts ``step`` over all stages and tags each line with ``stage``, ``stage_step``
+and ``size``. Both sides of a stage boundary are logged under one global step: stage K's last line
+(its result at its own size and targets, ``stage_step`` = its steps) and stage K+1's first (the same
+image upsampled, at the new size and targets, before any step there, ``stage_step`` = 0). Their
+losses differ (other size, other targets); (``step``, ``stage``) strictly increases.
 """
 
 from __future__ import annotations

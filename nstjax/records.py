@@ -100,8 +100,9 @@ class MetricsLog:
 def truncate_metrics(path: str | os.PathLike, before_step: int, before_stage: int | None = None) -> int:
     """Keeps the lines of ``metrics.jsonl`` for steps before ``before_step`` (rewriting the file
     atomically) and returns how many were kept: what a run resumed at that step starts from. With
-    ``before_stage`` (multi-scale runs), every line of an earlier stage is kept too: a stage's last
-    line shares its step with the next stage's first."""
+    ``before_stage`` (multi-scale runs, resuming in that stage), every line of an earlier stage is
+    kept too: a stage's last line (``stage_step`` = its steps) shares its global step with the next
+    stage's first (``stage_step`` = 0), which a resume at the start of that next stage writes again."""
     path = Path(path)
     if not path.exists():
         return 0

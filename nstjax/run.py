@@ -7,7 +7,11 @@ Files in the workdir:
 - ``config.json``: the resolved config (every field, after command-line overrides);
 - ``metrics.jsonl``: one JSON object per logged step: ``step``, ``loss``, ``content``, ``style``,
   ``tv``, each layer's term (``content/relu4_2``, ``style/relu1_1``, ...; all weighted, so they sum
-  to ``loss``), ``elapsed_s`` since the run started and ``steps_per_s``;
+  to ``loss``), ``elapsed_s`` since the run started and ``steps_per_s``. A multi-scale run counts
+  ``step`` over all its stages and adds ``stage``, ``stage_step`` (the step within the stage) and
+  ``size``; at each stage boundary two lines share a ``step``: the stage's last (its result at its
+  size, ``stage_step`` = its steps) and the next stage's first (that image upsampled, evaluated at
+  the next size before any step, ``stage_step`` = 0). So (``step``, ``stage``) strictly increases;
 - ``images/step_XXXXXX.png``: intermediate images, when ``save_every`` > 0 (and the image at an
   interruption);
 - ``checkpoints/<step>/``: orbax checkpoints of the image and optimiser state every
@@ -632,7 +636,8 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
     ``config.scales`` one after another, each starting from the previous one's result upsampled.
     ``problem`` is the first stage's. A multi-scale run keeps each stage's checkpoints in
     ``checkpoints/stage_K/`` (a finished stage's last one is its result) and logs global steps with
-    the ``stage`` and ``size`` of each record."""
+    the ``stage``, ``stage_step`` and ``size`` of each record (see the module docstring: a stage's
+    last record and the next stage's first share their global step)."""
     if plan == "overwrite":
         clear_run(workdir)
     _remove_stale_temporaries(workdir)
@@ -651,7 +656,12 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
     def stage_problem(k: int, init_array) -> Problem:
         return problem if k == 0 else load_problem(stage_specs[k], params, weights_info, init_array=init_array)
 
+    def stage_record(k: int, pk: Problem) -> dict:
+        h, w = pk.content.shape[:2]
+        return {"stage": k, "size": [h, w], "steps": stage_specs[k].steps, "first_step": offsets[k]}
+
     k0, start, resumes, prev_image = 0, None, [], None
+    stages_record = []  # every stage's: those a resume finds finished, then those run now
     if plan == "resume":
         meta, pk = None, problem
         for k, st in enumerate(stage_specs):
@@ -666,6 +676,7 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
                 break
             if found[0].step == st.steps and k < last:  # a finished stage: its result starts the next
                 prev_image, meta = found[0].image, found[1]
+                stages_record.append(stage_record(k, pk))
                 continue
             start, meta = found
             break
@@ -684,7 +695,6 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
     records.truncate_metrics(workdir / "metrics.jsonl", offsets[k0] + (start.step if start else 0),
                              before_stage=k0 if multi else None)
 
-    stages_record = []
     log_file = records.MetricsLog(workdir / "metrics.jsonl")
     t_opt = time.time()
     first_chunk_s = None
@@ -699,7 +709,7 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
                     shutil.rmtree(ckpt_dir(k), ignore_errors=True)  # left by an earlier attempt
             ckpts = Checkpoints(ckpt_dir(k), spec.checkpoint_keep, log) if use_ckpts else None
             h, w = problem.content.shape[:2]
-            stages_record.append({"stage": k, "size": [h, w], "steps": st.steps, "first_step": offsets[k]})
+            stages_record.append(stage_record(k, problem))
 
             def save_checkpoint(state: RunState, ckpts=ckpts) -> None:
                 if ckpts is None:
@@ -713,7 +723,8 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
 
             def on_log(rec: dict, k=k, h=h, w=w) -> None:
                 if multi:
-                    rec = {**rec, "step": rec["step"] + offsets[k], "stage": k, "size": [h, w]}
+                    rec = {**rec, "step": rec["step"] + offsets[k], "stage": k, "stage_step": rec["step"],
+                           "size": [h, w]}
                 log_file.write(rec)
 
             summary = optimise(

@@ -28,8 +28,10 @@ Files in the sweep's workdir:
 - ``sweep.json``: the expanded points (their swept values and full configs) and the batches;
 - ``points/<index>_<slug>/``: each point's run directory, with the files of a single run
   (``config.json``, ``metrics.jsonl``, ``final.png``, ``manifest.json``);
-- ``summary.csv``: one row per point: its swept values, status, steps, final loss and every term,
-  and seconds (its share of its batch's wall time);
+- ``summary.csv``: one row per point: its swept values, status, steps done, final loss and every
+  term, and seconds (its share of its batch's wall time). The swept fields' columns are named by
+  their config fields; no other column can be (:data:`SUMMARY_COLUMNS`, :func:`term_column`), so a
+  sweep over ``content`` or ``style`` (the image paths) or ``steps`` has one column of each name;
 - ``grid.png``: the final images as a labelled contact sheet, rows and columns by two swept fields;
 - ``loss_curves.png``: the loss of every point over the steps.
 
@@ -71,6 +73,10 @@ TRACED_FIELDS = ("content_layers", "content_layer_weights", "style_layers", "sty
                  "content_weight", "style_weight", "tv_weight", "seed", "init", "progress",
                  "hist_layers", "hist_layer_weights", "hist_weight")
 SWEEP_FILES = ("sweep.json", "summary.csv", "grid.png", "loss_curves.png")
+# summary.csv's columns besides the swept fields and the loss terms. A swept field's column is its
+# config field's name (dotted for a nested one), so none of these may be a config field's name:
+# the steps done are "steps_done" because "steps" is a field (tests/test_sweep.py checks them all).
+SUMMARY_COLUMNS = ("index", "dir", "status", "steps_done", "seconds", "batch")
 POINTS_DIR = "points"
 MEMORY_FRACTION = 0.7  # of the memory a device reports free, for planning batches
 
@@ -936,16 +942,30 @@ def _point_records(workdir: Path, sweep: Sweep) -> list[dict]:
     return out
 
 
+def term_column(term: str) -> str:
+    """The summary.csv column of a loss term (a key of ``metrics.jsonl`` and the manifest's
+    ``final``): ``loss`` (the total) and the per-layer terms (``style/relu1_1``: a '/' is in no
+    config field's name) keep their names; every other term ``T`` (``content``, ``style``, ``tv``,
+    ``hist``) becomes ``T_loss``, as ``content`` and ``style`` are also the image fields a sweep
+    may sweep."""
+    return term if term == "loss" or "/" in term else f"{term}_loss"
+
+
 def summary_csv(sweep: Sweep, rows: list[dict]) -> str:
+    """summary.csv: ``index, dir``, the swept fields, ``status, steps_done``, the terms (``loss``,
+    ``content_loss``, ``style_loss``, ``tv_loss``, ``hist_loss``, then the per-layer terms, see
+    :func:`term_column`), ``seconds, batch``. No two columns share a name."""
     terms: list[str] = []
     for r in rows:
         for t in r["manifest"].get("final", {}):
             if t not in terms:
                 terms.append(t)
-    main = [t for t in ("loss", "content", "style", "tv") if t in terms]
+    main = [t for t in ("loss", "content", "style", "tv", "hist") if t in terms]
     layer_terms = sorted((t for t in terms if t not in main),
                          key=lambda t: (t.split("/")[0], vgg.LAYER_INDEX.get(t.partition("/")[2], 99)))
-    header = ["index", "dir", *sweep.fields, "status", "steps", *main, *layer_terms, "seconds", "batch"]
+    header = ["index", "dir", *sweep.fields, "status", "steps_done",
+              *(term_column(t) for t in main + layer_terms), "seconds", "batch"]
+    assert len(set(header)) == len(header), header  # the naming scheme above makes this hold
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)

@@ -163,3 +163,71 @@ def test_shipped_configs_validate(name):
         assert run.objective.pooling == "avg" and run.init == "noise"
         assert run.content_weight / run.style_weight == pytest.approx(1e-3)
         assert run.style_layer_weights == (0.2,) * 5
+
+
+def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    """``nstjax --dry_run ... | head -1``: the reader goes away after one line. nstjax ends with
+    exit 141 (128 + SIGPIPE, what a shell reports for a program killed by SIGPIPE) and nothing about
+    it on stderr. The listing of 2500 points (about 100 KB, more than a pipe holds) makes sure it
+    is still writing when the pipe closes."""
+    cfg = tmp_path / "big.py"
+    cfg.write_text("from nstjax.config import base_config\n"
+                   "def get_config():\n    c = base_config()\n"
+                   "    c.sweep.axes = (('seed', tuple(range(2500))),)\n    return c\n")
+    with open(tmp_path / "stderr", "wb") as err_file:
+        p = subprocess.Popen([sys.executable, "-m", "nstjax", f"--config={cfg}", "--dry_run"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=err_file, bufsize=0)
+        try:
+            first = p.stdout.readline()
+            p.stdout.close()
+            code = p.wait(timeout=300)
+        finally:
+            p.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert first.startswith(b"sweep: 2500 points over seed"), first
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+    assert code == 141, err
+
+
+_HEAD = "from nstjax.config import base_config\n\ndef get_config():\n    c = base_config()\n"
+
+
+@pytest.mark.parametrize("body,expected", [
+    (_HEAD + "    c.size = undefined_name\n    return c\n",
+     "NameError: name 'undefined_name' is not defined (line 5)"),
+    ("from nstjax.config import base_config\n\ndef get_config(:\n    return base_config()\n",
+     "SyntaxError: invalid syntax (line 3)"),
+    (_HEAD + "    c.size = int('big')\n    return c\n",  # ml_collections put a whole traceback here
+     "ValueError: invalid literal for int() with base 10: 'big' (line 5)"),
+    (_HEAD + "    c.style = open('/nonexistent/x').read()\n    return c\n",  # a traceback, exit 1, here
+     "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/x' (line 5)"),
+], ids=["NameError", "SyntaxError", "ValueError", "OSError"])
+def test_an_error_in_a_config_file_is_one_line_naming_file_and_line(tmp_path, body, expected):
+    """``nstjax: error: <file>: <Type>: <message> (line N)``, exit 2, whatever the error; it used to
+    be a squeezed traceback (TypeError, ValueError), a real one with exit 1 (OSError), or no file
+    and line."""
+    cfg = tmp_path / "mine.py"
+    cfg.write_text(body)
+    r = subprocess.run([sys.executable, "-m", "nstjax", f"--config={cfg}", f"--workdir={tmp_path / 'w'}",
+                        "--config.steps=3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"nstjax: error: {cfg}: {expected}\n"
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("x = 1\n", "mine.py: defines no get_config() function"),
+    ("def get_config():\n    pass\n", "mine.py: get_config() returned NoneType, not an ml_collections.ConfigDict"),
+    (_HEAD + "    c.nosuch.value = 1\n    return c\n", "mine.py: AttributeError: "),
+    (_HEAD + "    return c\n", None),
+], ids=["no get_config", "returns None", "AttributeError", "good"])
+def test_config_files_without_a_config_are_one_line(tmp_path, capsys, body, expected):
+    cfg = tmp_path / "mine.py"
+    cfg.write_text(body)
+    code, err = _run_main(["nstjax", f"--config={cfg}", "--dry_run"], capsys)
+    if expected is None:  # a good file, for contrast
+        assert code == 0 and err == ""
+        return
+    assert code == 2 and err.startswith(f"nstjax: error: {tmp_path}/{expected}") and "\n" not in err, err
+    if "AttributeError" in expected:
+        assert err.endswith("(line 5)") and "unknown config field" not in err

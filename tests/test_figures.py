@@ -38,7 +38,9 @@ def test_a_figure_writes_its_figure_table_curves_and_manifest(figure):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "losses.csv").open()))
     assert [r["content_layers"] for r in rows] == ["relu1_2", "relu2_2", "relu3_2", "relu4_2", "relu5_2"]
-    assert all(r["status"] == "finished" and r["steps"] == "8" for r in rows)
+    assert all(r["status"] == "finished" and r["steps_done"] == "8" for r in rows)
+    assert all(float(r["loss"]) == pytest.approx(float(r["content_loss"]) + float(r["style_loss"])
+                                                 + float(r["tv_loss"]), rel=1e-5) for r in rows)
     assert "seconds" not in rows[0]  # timings would make two runs differ
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["figure"] == "content_layers" and manifest["weights"]["sha256"]

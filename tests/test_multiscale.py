@@ -92,6 +92,33 @@ def test_a_multiscale_run_logs_each_stage_and_ends_at_full_size(reference):
     assert Image.open(workdir / "final.png").size == (64, 48)
 
 
+def _check_boundary_steps(recs: list[dict], manifest: dict) -> None:
+    """The documented invariant of a multi-scale metrics.jsonl: step = the stage's first_step +
+    stage_step; (step, stage) strictly increases; a step repeats only at a stage boundary, as the
+    stage's last line (its result, stage_step = its steps) and the next stage's first (stage_step 0)."""
+    first = {s["stage"]: s["first_step"] for s in manifest["stages"]}
+    steps = {s["stage"]: s["steps"] for s in manifest["stages"]}
+    assert all(r["step"] == first[r["stage"]] + r["stage_step"] for r in recs)
+    keys = [(r["step"], r["stage"]) for r in recs]
+    assert all(a < b for a, b in zip(keys, keys[1:])), keys
+    for a, b in zip(recs, recs[1:]):
+        if a["step"] == b["step"]:
+            assert b["stage"] == a["stage"] + 1 and a["stage_step"] == steps[a["stage"]] and b["stage_step"] == 0
+            assert a["size"] != b["size"] and a["loss"] != b["loss"]  # two evaluations, both kept
+    one_per_step = [r["step"] for r in recs if r["stage_step"] > 0 or r["stage"] == 0]
+    assert len(set(one_per_step)) == len(one_per_step)
+
+
+def test_a_stage_boundary_logs_the_result_and_its_upsampled_start_under_one_step(reference):
+    workdir, _ = reference
+    recs = records.read_metrics(workdir / "metrics.jsonl")
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    _check_boundary_steps(recs, manifest)
+    at_six = [(r["stage"], r["stage_step"]) for r in recs if r["step"] == 6]
+    assert at_six == [(0, 6), (1, 0)]
+    assert [r["step"] for r in recs] == list(range(7)) + list(range(6, 13))
+
+
 def test_the_coarse_stage_gives_the_fine_stage_a_better_start(reference, image_dir, weights, tmp_path):
     """The upsampled coarse result starts the full-size stage below where the content photo starts."""
     workdir, _ = reference
@@ -132,6 +159,11 @@ def test_resume_across_and_within_stages_is_bit_identical(reference, weights, tm
     assert summary["resumed_from"] == from_step, msgs
     assert any(f"from its checkpoint at step {from_step} of 12 (stage 2 of 2" in m for m in msgs), msgs
     assert (workdir / "final.png").read_bytes() == (ref / "final.png").read_bytes()
-    ref_losses = [(r["step"], r["stage"], r["loss"]) for r in records.read_metrics(ref / "metrics.jsonl")]
-    got = [(r["step"], r["stage"], r["loss"]) for r in records.read_metrics(workdir / "metrics.jsonl")]
+    ref_losses = [(r["step"], r["stage"], r["stage_step"], r["loss"])
+                  for r in records.read_metrics(ref / "metrics.jsonl")]
+    recs = records.read_metrics(workdir / "metrics.jsonl")
+    got = [(r["step"], r["stage"], r["stage_step"], r["loss"]) for r in recs]
     assert got == ref_losses
+    manifest, ref_manifest = (json.loads((w / "manifest.json").read_text()) for w in (workdir, ref))
+    assert manifest["stages"] == ref_manifest["stages"]  # every stage, not only those run after the resume
+    _check_boundary_steps(recs, manifest)

@@ -257,8 +257,9 @@ def test_summary_grid_and_curves(swept):
     assert [r["index"] for r in rows] == [str(i) for i in range(8)]
     r = rows[7]
     assert r["style_layers"] == "relu1_1+relu2_1+relu3_1+relu4_1" and float(r["style_weight"]) == 1e4
-    assert r["status"] == "finished" and r["steps"] == "6" and float(r["seconds"]) > 0
-    assert float(r["loss"]) == pytest.approx(float(r["content"]) + float(r["style"]) + float(r["tv"]), rel=1e-5)
+    assert r["status"] == "finished" and r["steps_done"] == "6" and float(r["seconds"]) > 0
+    assert float(r["loss"]) == pytest.approx(float(r["content_loss"]) + float(r["style_loss"])
+                                             + float(r["tv_loss"]), rel=1e-5)
     assert rows[0]["style/relu4_1"] == "" and float(r["style/relu4_1"]) > 0
     grid = Image.open(workdir / "grid.png")
     assert grid.mode == "RGB" and grid.width >= 2 * 128 and grid.height >= 4 * 128  # 4 rows, 2 columns
@@ -267,6 +268,60 @@ def test_summary_grid_and_curves(swept):
     assert len(rec["points"]) == 8 and rec["fields"] == ["style_layers", "style_weight"]
     assert rec["invocations"][-1]["status"] == "finished"
     assert rec["invocations"][-1]["batches"][0]["points"] == list(range(8))
+
+
+def _config_fields(c=None, prefix="") -> set[str]:
+    c = base_config() if c is None else c
+    out = set()
+    for k, v in c.items():
+        out |= _config_fields(v, f"{prefix}{k}.") if hasattr(v, "items") else {prefix + k}
+    return out
+
+
+def test_summary_columns_cannot_be_named_like_a_config_field():
+    """A swept field's column is the field's name; every other column is named so that it cannot
+    be one: the fixed columns, and the loss terms (total, per kind, per layer) of any objective."""
+    from nstjax.losses import Objective
+
+    fields = _config_fields()
+    assert {"content", "style", "steps", "optimizer.name"} <= fields
+    assert not fields & set(sw.SUMMARY_COLUMNS)
+    obj = Objective(("relu4_2",), ("relu1_1",), hist_layers=("relu1_1",))
+    terms = obj.term_names
+    assert {"loss", "content", "style", "tv", "hist", "style/relu1_1", "hist/relu1_1"} <= set(terms)
+    columns = [sw.term_column(t) for t in terms]
+    assert len(set(columns)) == len(columns)
+    assert not fields & set(columns) and not set(columns) & set(sw.SUMMARY_COLUMNS)
+    assert [sw.term_column(t) for t in ("loss", "content", "style", "tv", "hist", "style/relu1_1")] == [
+        "loss", "content_loss", "style_loss", "tv_loss", "hist_loss", "style/relu1_1"]
+
+
+def test_a_sweep_over_style_images_has_one_style_column_the_paths(image_dir, weights, tmp_path):
+    """Sweeping the image fields (here ``style``, two paintings, with ``steps``) gives each swept
+    field one column holding its values; the loss terms are ``style_loss`` etc."""
+    params, info = weights
+    styles = (str(image_dir / "starry_night.jpg"), str(image_dir / "shipwreck.jpg"))
+    c = small_config(image_dir, axes=(), points=({"style": styles[0], "steps": 2},
+                                                 {"style": styles[1], "steps": 3}))
+    c.style_layers, c.chunk, c.log_every = ("relu1_1", "relu2_1"), 1, 1
+    out = sw.run_sweep(c, tmp_path / "w", params=params, weights_info=info, say=lambda m: None,
+                       write_figures=False)
+    assert len(out["points"]) == 2
+    text = (tmp_path / "w" / "summary.csv").read_text()
+    header = next(csv.reader(text.splitlines()))
+    assert len(header) == len(set(header)), header
+    fixed = [h for h in header if h not in ("style", "steps") and not h.startswith("style/")]
+    assert fixed == ["index", "dir", "status", "steps_done", "loss", "content_loss", "style_loss",
+                     "tv_loss", "content/relu2_2", "seconds", "batch"]
+    assert not _config_fields() & (set(header) - {"style", "steps"})
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [r["style"] for r in rows] == list(styles)
+    assert [r["steps"] for r in rows] == [r["steps_done"] for r in rows] == ["2", "3"]
+    for r in rows:
+        assert float(r["style_loss"]) == pytest.approx(float(r["style/relu1_1"]) + float(r["style/relu2_1"]),
+                                                       rel=1e-5)
+        assert float(r["loss"]) == pytest.approx(float(r["content_loss"]) + float(r["style_loss"])
+                                                 + float(r["tv_loss"]), rel=1e-5)
 
 
 def test_a_killed_sweep_resumes_with_the_points_not_yet_done(image_dir, weights, tmp_path, monkeypatch):
