@@ -2,13 +2,14 @@
 
 :func:`estimate_bytes` predicts the peak memory of a run from its sizes alone (pure; no JAX):
 
-- the VGG-19 activations of the output image up to the deepest requested layer, which the backward
-  pass keeps: ``act_bytes_per_pixel(layers)`` (4 bytes per float, each conv and pool output of
-  ``C`` channels at stride ``s`` costing ``C / s**2`` floats per input pixel: 1,280 bytes up to
-  ``relu5_1``), times ``FIXED_FACTOR + PER_STEP_FACTOR * chunk_steps``. The per-step part is real:
-  XLA:CPU keeps buffers of every step of an unrolled chunk alive (measured peak RSS at 256 px,
-  ``relu5_1``: 1.10 GB with 2-step chunks, 1.43 GB with 5, 1.97 GB with 10; linear in pixels:
-  1.17 / 1.97 / 3.31 GB at 128 / 256 / 384 px with 10-step chunks);
+- the VGG-19 activations of the output image up to the deepest requested layer, the size of what
+  the backward pass works through: ``act_bytes_per_pixel(layers)`` (4 bytes per float, each conv
+  and pool output of ``C`` channels at stride ``s`` costing ``C / s**2`` floats per input pixel:
+  1,280 bytes up to ``relu5_1``), times ``FIXED_FACTOR + PER_STEP_FACTOR * chunk_steps``. The
+  backward pass keeps ReLU and pooling masks as bits and bytes (nstjax/vgg.py), so a step's
+  temporaries are about one such set; each step of an unrolled chunk adds a little (its own
+  image-sized buffers). Fitted to whole default runs' peak RSS on CPU, chunks of 10: 1.20 GB at
+  512x384, 1.66 GB at 768x576, 2.48 GB at 1024x768 (2.08 GB with chunks of 1);
 - the optimiser state: L-BFGS keeps ``2 * memory_size`` images of curvature pairs plus a few,
   Adam two moments;
 - computing the targets: a forward pass over each style image at its own size;
@@ -31,8 +32,8 @@ from nstjax.errors import UserError
 
 FLOAT_BYTES = 4
 BASE_BYTES = {"cpu": 800 * 2**20, "gpu": 300 * 2**20, "other": 300 * 2**20}
-FIXED_FACTOR = 1.5  # activation copies independent of the chunk length (fit: 1.35)
-PER_STEP_FACTOR = 1.8  # activation copies per unrolled step of a chunk (fit: 1.73)
+FIXED_FACTOR = 1.1  # activation sets independent of the chunk length (fit: 1.04)
+PER_STEP_FACTOR = 0.05  # activation sets per unrolled step of a chunk (fit: 0.043)
 TARGET_FACTOR = 1.5  # forward pass only, for the style targets
 OPT_IMAGES = {"lbfgs": lambda m: 2 * m + 4, "lbfgs_zoom": lambda m: 2 * m + 8, "adam": lambda m: 5}
 
