@@ -532,15 +532,20 @@ def test_stop_signals_set_a_flag_and_a_second_one_stops_at_once():
 
     from nstjax.run import StopSignals
 
-    before = signal.getsignal(signal.SIGINT)
-    messages = []
-    with pytest.raises(KeyboardInterrupt):
-        with StopSignals(log=messages.append) as stop:
-            assert not stop()
-            signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: a flag, no exception
-            assert stop() and stop.signum == signal.SIGINT
-            signal.raise_signal(signal.SIGINT)  # the second: the old handler, KeyboardInterrupt
-    assert signal.getsignal(signal.SIGINT) is before
+    # Python's own Ctrl-C handler, whatever this process inherited: started in the background by
+    # a non-interactive shell (`cmd &`), it starts with SIGINT ignored and Python keeps it so.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        messages = []
+        with pytest.raises(KeyboardInterrupt):
+            with StopSignals(log=messages.append) as stop:
+                assert not stop()
+                signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: a flag, no exception
+                assert stop() and stop.signum == signal.SIGINT
+                signal.raise_signal(signal.SIGINT)  # the second: the old handler, KeyboardInterrupt
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert "stopping after the current chunk" in messages[0] and "second SIGINT" in messages[1]
 
 
