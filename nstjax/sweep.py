@@ -363,16 +363,18 @@ VGG_PARAM_BYTES = 4 * sum(9 * cin * cout + cout for cin, cout in
 
 def bytes_per_point(shape: tuple[int, int], obj: Objective, opt_name: str, memory_size: int) -> int:
     """A rough estimate of one point's working memory: the VGG activations up to the deepest layer
-    (x12: kept for the backward pass, their cotangents, and what XLA holds across an unrolled chunk;
-    calibrated on XLA:CPU, where an 8-point 128 px sweep's peak RSS grew by ~330 MiB per point,
-    11.5 forward passes' worth), the image-sized optimiser state, and the Gram matrices."""
+    (every conv, ReLU and pool output, x2), the image-sized optimiser state, and the Gram matrices.
+    Calibrated on XLA:CPU with sweeps of 1 and 8 points, 10-step chunks, relu5_1: peak RSS grew by
+    28 MB per point at 128x96 and 124 MB at 256x192, 0.8-0.9 of that activation count; the factor 2
+    leaves room. (Before the backward pass kept its masks as bits and bytes, nstjax/vgg.py, it grew
+    by ~330 MiB per point at 128 px and the factor was 12.)"""
     h, w = shape
     last = vgg.LAYER_INDEX[vgg.deepest(obj.layers)]
     acts = sum(max(1, h // vgg.layer_stride(n)) * max(1, w // vgg.layer_stride(n)) * vgg.layer_channels(n)
                for n in vgg.LAYERS[: last + 1])
     copies = {"adam": 6, "lbfgs": 2 * memory_size + 8}.get(opt_name, 2 * memory_size + 12)
     grams = sum(vgg.layer_channels(l) ** 2 for l in obj.style_layers)
-    return 4 * (12 * acts + copies * h * w * 3 + 3 * grams)
+    return 4 * (2 * acts + copies * h * w * 3 + 3 * grams)
 
 
 def shared_bytes(shape: tuple[int, int], obj: Objective) -> int:
