@@ -21,7 +21,8 @@ manifest.json) under ``--out``. Panels:
   histogram loss added: where the Gram loss's instabilities (activations of the wrong mean and
   spread) show most, as in Risser et al.'s figures.
 
-``results.csv`` has one row per panel: the final loss terms, the wall time, and measurements of
+``results.csv`` has one row per panel: the final loss terms (named as in a sweep's summary.csv:
+``loss``, ``content_loss``, ``style_loss``, ``hist_loss``, ``tv_loss``), the wall time, and measurements of
 what each paper claims: ``hist_<layer>``, the per-channel 1-D Wasserstein distance between the
 output's and the (first) style image's VGG activations (lower = the activation histograms match
 better), and ``chroma_to_content``, the mean absolute difference of the YIQ chroma (I, Q) between
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nstjax import color, features, histogram, images, records  # noqa: E402
+from nstjax.sweep import term_column  # noqa: E402
 from nstjax.config import base_config  # noqa: E402
 from nstjax.run import run  # noqa: E402
 from nstjax.weights import load_vgg19_with_info  # noqa: E402
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
         image = images.load_image(out / name / "final.png")  # what the run wrote, 8-bit
         fo = features(params, image, MEASURE_LAYERS)
         row = {"panel": label, "workdir": name, "overrides": json.dumps(overrides), "wall_s": round(wall, 2)}
-        row.update({k: record["final"].get(k, 0.0) for k in ("loss", "content", "style", "hist", "tv")})
+        # Named as in a sweep's summary.csv (nstjax.sweep.term_column): loss, content_loss, ...
+        row.update({term_column(k): record["final"].get(k, 0.0) for k in ("loss", "content", "style", "hist", "tv")})
         for l in MEASURE_LAYERS:
             f, s = fo[l][0], np.asarray(measure_style[l][0])
             q = histogram.quantiles(s.reshape(-1, s.shape[-1]), f.shape[0] * f.shape[1])
