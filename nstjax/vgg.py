@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nstjax.errors import ConfigError
 
@@ -154,7 +155,9 @@ def relu(x):
     return jnp.maximum(x, 0)
 
 
-_BITS = jnp.asarray([1, 2, 4, 8, 16, 32, 64, 128], jnp.uint8)
+# numpy, not jnp: a JAX array made at import would start the backend before
+# jax.distributed.initialize() (multi-host sweeps) could run.
+_BITS = np.asarray([1, 2, 4, 8, 16, 32, 64, 128], np.uint8)
 
 
 def _pack_bits(mask):

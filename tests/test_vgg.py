@@ -209,3 +209,16 @@ def test_backward_pass_keeps_little_memory(params):
     c = jax.jit(jax.value_and_grad(loss)).lower(jnp.zeros((h, w, 3))).compile()
     temp = c.memory_analysis().temp_size_in_bytes
     assert temp < 1.2 * memory.act_bytes_per_pixel(layers) * h * w, temp
+
+
+def test_importing_nstjax_starts_no_jax_backend():
+    """Nothing at import time may create a JAX array: that starts the backend, after which
+    jax.distributed.initialize() (multi-host sweeps, sweep.distributed) refuses to run."""
+    import subprocess
+    import sys
+
+    code = ("import nstjax, nstjax.sweep, nstjax.cli\n"
+            "from jax._src import xla_bridge\n"
+            "assert not xla_bridge._backends, 'a JAX backend was started at import'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
