@@ -89,34 +89,30 @@ def scale_by_lbfgs(memory_size: int = 10, curvature_eps: float = 1e-10) -> optax
         slot = jnp.where(accept, state.head, m)
         s_mem = state.s.at[slot].set(s_new)
         y_mem = state.y.at[slot].set(y_new)
-        rho = jnp.where(accept, state.rho.at[slot].set(1.0 / jnp.where(accept, ys, 1.0)), state.rho)
+        rho = jnp.where(accept, state.rho.at[state.head].set(1.0 / jnp.where(accept, ys, 1.0)), state.rho)
         head = jnp.where(accept, (state.head + 1) % m, state.head)
         size = jnp.where(accept, jnp.minimum(state.size + 1, m), state.size)
         gamma = jnp.where(accept, ys / jnp.maximum(_dot(y_new, y_new), 1e-30), state.gamma)
 
         # The two loops are lax.fori_loops: cheap vector work, and it keeps compile time flat in m.
         # They run over the ``size`` stored pairs only (a traced trip count), not all m slots: each
-        # pass reads whole images, so empty slots would cost as much as full ones. The histories
-        # ride through the loops in the carry, unchanged, and the state keeps the loops' outputs:
-        # a loop that only captured them would make XLA copy both (m, ...) buffers into it, and in
-        # a chunk of several steps that copy is kept alive per step (0.38 GB at 1024x768, m=10).
+        # pass reads whole images, so empty slots would cost as much as full ones.
         def newest_first(j, carry):
-            q, alphas, s_h, y_h = carry
+            q, alphas = carry
             i = (head - 1 - j) % m
-            a = rho[i] * _dot(s_h[i], q)
-            return q - a * y_h[i], alphas.at[j].set(a), s_h, y_h
+            a = rho[i] * _dot(s_mem[i], q)
+            return q - a * y_mem[i], alphas.at[j].set(a)
 
-        q, alphas, s_mem, y_mem = jax.lax.fori_loop(
-            0, size, newest_first, (grad.astype(jnp.float32), jnp.zeros((m,), jnp.float32), s_mem, y_mem))
+        q, alphas = jax.lax.fori_loop(0, size, newest_first,
+                                      (grad.astype(jnp.float32), jnp.zeros((m,), jnp.float32)))
 
-        def oldest_first(k, carry):
-            r, s_h, y_h = carry
+        def oldest_first(k, r):
             j = size - 1 - k
             i = (head - 1 - j) % m
-            b = rho[i] * _dot(y_h[i], r)
-            return r + (alphas[j] - b) * s_h[i], s_h, y_h
+            b = rho[i] * _dot(y_mem[i], r)
+            return r + (alphas[j] - b) * s_mem[i]
 
-        r, s_mem, y_mem = jax.lax.fori_loop(0, size, oldest_first, (gamma * q, s_mem, y_mem))
+        r = jax.lax.fori_loop(0, size, oldest_first, gamma * q)
         first = jnp.minimum(1.0, 1.0 / jnp.maximum(pairwise_sum(jnp.abs(grad)), 1e-30)) * grad
         direction = jnp.where(state.count == 0, first, r).astype(grad.dtype)
         new_state = LBFGSState(state.count + 1, params, grad, s_mem, y_mem, rho, head, size, gamma)
