@@ -223,11 +223,6 @@ def objective_weights(obj: Objective, content_weight, style_weight, tv_weight,
     return weights
 
 
-# The targets' forward passes, compiled: run op by op they peak at about twice the memory (each
-# eager convolution allocates its output while its input and the kept layers are alive).
-_target_features = jax.jit(vgg.apply_features, static_argnums=(2, 3, 4))
-
-
 def compute_targets(params, obj: Objective, content_image, style_images: Sequence,
                     style_blend: Sequence[float] | None = None, precision=None, *,
                     content_masks: Sequence | None = None, style_masks: Sequence | None = None
@@ -252,8 +247,8 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
     """
     targets = {"content": {}, "style": {}}
     if obj.content_layers:
-        feats = _target_features(params, jnp.asarray(content_image)[None], obj.content_layers,
-                                 obj.pooling, precision)
+        # vgg.features is compiled: op by op, the targets' passes peak at about twice the memory.
+        feats = vgg.features(params, content_image, obj.content_layers, obj.pooling, precision)
         targets["content"] = {l: feats[l][0] for l in obj.content_layers}
     styled = tuple(sorted(set(obj.style_layers) | set(obj.hist_layers), key=vgg.LAYER_INDEX.__getitem__))
     if not styled:
@@ -289,7 +284,7 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
     # Each style image's activations (M, C) and position weights (M,), summing to 1.
     per_style = []
     for img, smask in zip(style_images, style_masks):
-        feats = _target_features(params, jnp.asarray(img)[None], styled, obj.pooling, precision)
+        feats = vgg.features(params, img, styled, obj.pooling, precision)
         acts = {}
         for l in styled:
             f = feats[l][0]
