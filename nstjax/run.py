@@ -267,7 +267,8 @@ def optimise(problem: Problem, *, start: RunState | None = None,
 
     Calls ``on_log`` with each logged step's record, ``on_image`` with intermediate images, and
     ``on_checkpoint`` with the state at the first chunk boundary at or after each multiple of
-    ``checkpoint_every``. Checks ``should_stop()`` before each chunk and returns early, with
+    ``checkpoint_every`` (at the last step, after that step's final ``on_log``: a multi-scale
+    resume treats a stage whose checkpoint is at its last step as finished and logged). Checks ``should_stop()`` before each chunk and returns early, with
     ``interrupted`` true, when it says so. Returns a summary with the final image and terms and
     ``state``, the :class:`RunState` it ended with. On a non-finite loss or gradient it stops at once,
     keeping the last good image; ``bad_terms`` then holds the bad evaluation's terms.
@@ -279,7 +280,7 @@ def optimise(problem: Problem, *, start: RunState | None = None,
     image, state, step = start.image, start.opt_state, start.step
     n_chunk = chunk_length(spec)
     bar = _Progress(spec.steps, progress, initial=step)
-    compile_s, bad, interrupted = None, None, False
+    compile_s, bad, interrupted, last_checkpoint = None, None, False, None
     t_prev = time.time()
     try:
         while step < spec.steps:
@@ -311,7 +312,10 @@ def optimise(problem: Problem, *, start: RunState | None = None,
                 on_image(step, problem.output(image))
             if (on_checkpoint is not None and checkpoint_every
                     and step // checkpoint_every > before // checkpoint_every):
-                on_checkpoint(RunState(step, image, state, start.rng))
+                if step < spec.steps:
+                    on_checkpoint(RunState(step, image, state, start.rng))
+                else:  # after the last metrics line (below), which a resume from it would not rewrite
+                    last_checkpoint = RunState(step, image, state, start.rng)
     finally:
         bar.close()
     final = None
@@ -320,6 +324,8 @@ def optimise(problem: Problem, *, start: RunState | None = None,
                                                    obj=obj, precision=spec.precision).items()}
         if bad is None and on_log is not None:
             on_log({"step": step, **final, "elapsed_s": time.time() - t_start, "steps_per_s": None})
+    if last_checkpoint is not None:
+        on_checkpoint(last_checkpoint)
     return {"image": problem.output(image), "steps_done": step, "final_terms": final,
             "first_step_s": compile_s, "bad_terms": bad, "interrupted": interrupted,
             "state": RunState(step, image, state, start.rng)}

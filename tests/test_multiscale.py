@@ -167,3 +167,31 @@ def test_resume_across_and_within_stages_is_bit_identical(reference, weights, tm
     manifest, ref_manifest = (json.loads((w / "manifest.json").read_text()) for w in (workdir, ref))
     assert manifest["stages"] == ref_manifest["stages"]  # every stage, not only those run after the resume
     _check_boundary_steps(recs, manifest)
+
+
+def test_a_stage_logs_its_last_line_before_checkpointing_its_last_step(image_dir, weights, tmp_path, monkeypatch):
+    """A resume takes a coarse stage whose checkpoint is at its last step as finished and does not
+    log that stage again, so the stage's last metrics line must be on disk before that checkpoint:
+    a kill between the two would otherwise lose the line for good. Stage 0 has 6 steps and
+    checkpoint_every=2, so its last step is also a checkpoint step."""
+    from nstjax import checkpoint
+
+    events = []
+    write, save = records.MetricsLog.write, checkpoint.Checkpoints.save
+
+    def logged(self, rec):
+        events.append(("log", rec["stage"], rec["stage_step"]))
+        return write(self, rec)
+
+    def saved(self, state, meta=None):
+        events.append(("checkpoint", int(self.directory.name.split("_")[-1]), state.step))
+        return save(self, state, meta)
+
+    monkeypatch.setattr(records.MetricsLog, "write", logged)
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", saved)
+    params, info = weights
+    run(_cfg(image_dir), tmp_path / "w", params=params, weights_info=info, handle_signals=False,
+        log=lambda m: None)
+    assert ("checkpoint", 0, 6) in events and ("log", 0, 6) in events, events
+    assert events.index(("log", 0, 6)) < events.index(("checkpoint", 0, 6)), events
+    assert events.index(("log", 1, 6)) < events.index(("checkpoint", 1, 6)), events
