@@ -1045,8 +1045,20 @@ def main(cfg: ml_collections.ConfigDict, workdir: str | None, *, overwrite: bool
     if not workdir:
         raise UserError("--workdir is required (the directory for the sweep's outputs)")
     out = run_sweep(cfg, workdir, overwrite=overwrite)
-    stopped = [r["index"] for r in out["points"] if r["status"] != "finished"]
     print(f"nstjax: sweep wrote {Path(workdir) / 'summary.csv'} and grid.png: {len(out['points'])} points "
-          f"run, {len(out['skipped'])} already done, {out['wall_s']:.1f} s"
-          + (f"; points {_ranges(stopped)} stopped on a non-finite loss" if stopped else ""))
+          f"run, {len(out['skipped'])} already done, {out['wall_s']:.1f} s", flush=True)
+    if jax.process_index() != 0:
+        return 0
+    # Every point's status, those finished in earlier invocations too: a resumed sweep whose
+    # stopped points were run before exits as the first invocation did.
+    stopped = [r["point"].index for r in _point_records(Path(workdir), out["sweep"])
+               if not str(r["manifest"].get("status", "")).startswith("finished")]
+    if stopped:
+        raise NonFinitePoints(f"sweep point{'s' * (len(stopped) > 1)} {_ranges(stopped)} stopped on a "
+                              f"non-finite loss (last good images kept; the other points finished; "
+                              f"see summary.csv)")
     return 0
+
+
+class NonFinitePoints(UserError):
+    """Some points of a sweep stopped on a non-finite loss (the sweep's files are all written)."""

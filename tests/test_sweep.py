@@ -381,6 +381,11 @@ def test_a_point_whose_loss_blows_up_stops_alone(image_dir, weights, tmp_path):
     assert (tmp_path / "w" / "grid.png").is_file()
     m = json.loads((tmp_path / "w" / "points" / out["sweep"].points[1].name / "manifest.json").read_text())
     assert m["status"].startswith("stopped") and m["steps"] == 0
+    # The command line exits non-zero (2, as a single run does), also when the stopped points were
+    # run by an earlier invocation and this one only finds them done.
+    with pytest.raises(sw.NonFinitePoints, match=r"sweep points 1, 3, 5, 7 stopped on a non-finite loss"):
+        sw.main(cfg, str(tmp_path / "w"))
+    assert [r["status"] for r in csv.DictReader((tmp_path / "w" / "summary.csv").open())] == status
 
 
 FOUR_DEVICES = textwrap.dedent("""
