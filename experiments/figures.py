@@ -274,7 +274,10 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="start the figure over in --out")
     ap.add_argument("--dry-run", action="store_true", help="list the points and batches only")
     args = ap.parse_args(argv)
+    from nstjax import compile_cache
     from nstjax.errors import UserError
+
+    compile_cache.enable()  # a figure run again (or the next figure) loads its programs
 
     names = FIGURES if args.name == "all" else (args.name,)
     base_out = args.out

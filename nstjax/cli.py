@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     if fv is None:
         return code
     _quiet_libraries()
-    from nstjax.run import run  # imports jax: after argument checks, so errors come fast
+    from nstjax import compile_cache
+
+    compile_cache.enable()  # before anything compiles (imports jax: after argument checks)
+    from nstjax.run import run
     from nstjax import sweep
 
     if fv.dry_run or sweep.is_sweep(fv.config):

@@ -167,7 +167,7 @@ def cpu_model() -> str:
 
 
 JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
-             "jax_threefry_partitionable", "jax_numpy_rank_promotion")
+             "jax_threefry_partitionable", "jax_numpy_rank_promotion", "jax_compilation_cache_dir")
 
 
 def jax_flags() -> dict:

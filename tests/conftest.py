@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IMAGES = ROOT.parent / "shared" / "images"
+
+# The command line turns on JAX's persistent compilation cache for the whole process; tests that
+# call it in-process would then share compiled programs through the disk with every later test.
+# Off here; tests/test_cli.py tests the cache in processes of its own.
+os.environ["NSTJAX_COMPILE_CACHE"] = "0"
 
 
 @pytest.fixture(scope="session")
