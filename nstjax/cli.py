@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from nstjax import compile_cache
 
-    compile_cache.enable()  # before anything compiles (imports jax: after argument checks)
+    if not fv.replay:  # a replay compiles afresh: it checks compilation's determinism too
+        compile_cache.enable()  # before anything compiles (imports jax: after argument checks)
     from nstjax.run import run
     from nstjax import sweep
 

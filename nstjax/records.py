@@ -167,7 +167,7 @@ def cpu_model() -> str:
 
 
 JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
-             "jax_threefry_partitionable", "jax_numpy_rank_promotion", "jax_compilation_cache_dir")
+             "jax_threefry_partitionable", "jax_numpy_rank_promotion")
 
 
 def jax_flags() -> dict:
@@ -198,6 +198,9 @@ def environment() -> dict:
         "device_count": len(devs),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_flags": jax_flags(),
+        # Where compiled programs were loaded from or stored (nstjax/compile_cache.py); not a
+        # result-changing flag, so --replay does not compare it.
+        "compilation_cache_dir": _jsonable(getattr(jax.config, "jax_compilation_cache_dir", None)),
         "git_commit": git_commit(),
         "argv": sys.argv,
     }

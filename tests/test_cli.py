@@ -56,7 +56,7 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache_with_identic
     entries = sorted(p.name for p in cache.iterdir())
     assert entries, "the first run left nothing in the compilation cache"
     manifest = json.loads((workdir / "manifest.json").read_text())
-    assert manifest["environment"]["jax_flags"]["jax_compilation_cache_dir"] == str(cache)
+    assert manifest["environment"]["compilation_cache_dir"] == str(cache)
     again = _run_cli(tmp_path / "again", image_dir, cache)
     assert again.returncode == 0, again.stderr
     # Every program the second run needed was there: it added nothing (a changed program, compiler
