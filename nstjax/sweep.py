@@ -857,7 +857,8 @@ def _run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, ov
     """Runs every point of ``cfg``'s sweep not yet done in ``workdir``; writes all the files.
 
     Returns ``{"points": [record per point run now], "skipped": [indices already done],
-    "batches": [batch records], "wall_s": ...}``; each record holds the point's final ``image``
+    "batches": [batch records], "wall_s": ..., "stopped": [indices of all points, of this
+    invocation or an earlier one, stopped on a non-finite loss (on the writing process)]}``; each record holds the point's final ``image``
     (float32 (H, W, 3)), ``final`` terms, ``steps``, ``status`` and ``seconds``. ``devices``
     (default: all of them, on every host) are the devices the sweep axis is split over.
     """
@@ -918,11 +919,12 @@ def _run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, ov
                     + f": points {_ranges([p.index for p in pts])} done in {time.time() - t_c:.1f} s")
     wall = time.time() - t_start
     invocation.update(status="finished", wall_s=wall, ran=[r["index"] for r in results])
+    stopped = []
     if writer:
         records.write_json(workdir / "sweep.json", record)
-        write_outputs(workdir, sweep, figures=write_figures)
+        stopped = write_outputs(workdir, sweep, figures=write_figures)
     return {"points": results, "skipped": skipped, "batches": [b.record() for b in batches],
-            "wall_s": wall, "sweep": sweep}
+            "wall_s": wall, "sweep": sweep, "stopped": stopped}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -986,14 +988,16 @@ def summary_csv(sweep: Sweep, rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_outputs(workdir: Path, sweep: Sweep, figures: bool = True) -> None:
-    """summary.csv, grid.png and loss_curves.png from the finished points' directories."""
+def write_outputs(workdir: Path, sweep: Sweep, figures: bool = True) -> list[int]:
+    """summary.csv, grid.png and loss_curves.png from the finished points' directories; returns
+    the indices of the points (of every invocation) that stopped on a non-finite loss."""
     from nstjax import plots
 
     rows = _point_records(workdir, sweep)
     records.write_text(workdir / "summary.csv", summary_csv(sweep, rows))
+    stopped = [r["point"].index for r in rows if r["manifest"].get("status", "") != "finished"]
     if not figures or not rows:
-        return
+        return stopped
     row_f, col_f = sweep.grid
     cells = []
     for r in rows:
@@ -1016,6 +1020,7 @@ def write_outputs(workdir: Path, sweep: Sweep, figures: bool = True) -> None:
     plots.save_loss_curves(workdir / "loss_curves.png",
                            [(r["point"].label or r["point"].name, r["curve"]) for r in rows],
                            title=f"{workdir.name}: loss of every point")
+    return stopped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1047,12 +1052,9 @@ def main(cfg: ml_collections.ConfigDict, workdir: str | None, *, overwrite: bool
     out = run_sweep(cfg, workdir, overwrite=overwrite)
     print(f"nstjax: sweep wrote {Path(workdir) / 'summary.csv'} and grid.png: {len(out['points'])} points "
           f"run, {len(out['skipped'])} already done, {out['wall_s']:.1f} s", flush=True)
-    if jax.process_index() != 0:
-        return 0
-    # Every point's status, those finished in earlier invocations too: a resumed sweep whose
-    # stopped points were run before exits as the first invocation did.
-    stopped = [r["point"].index for r in _point_records(Path(workdir), out["sweep"])
-               if not str(r["manifest"].get("status", "")).startswith("finished")]
+    # Every point's status, those finished in earlier invocations too (only the writing process
+    # reads them): a resumed sweep whose stopped points were run before exits as the first did.
+    stopped = out["stopped"]
     if stopped:
         raise NonFinitePoints(f"sweep point{'s' * (len(stopped) > 1)} {_ranges(stopped)} stopped on a "
                               f"non-finite loss (last good images kept; the other points finished; "
