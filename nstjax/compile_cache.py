@@ -22,18 +22,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nstjax.records import env_switch
+from nstjax.weights import cache_dir
+
 MIN_COMPILE_S = 1.0
 
 
 def directory() -> Path | None:
     """Where the cache goes, or None when ``NSTJAX_COMPILE_CACHE=0``."""
-    if os.environ.get("NSTJAX_COMPILE_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env_switch("NSTJAX_COMPILE_CACHE"):
         return None
     env = os.environ.get("NSTJAX_COMPILE_CACHE_DIR")
     if env:
         return Path(env).expanduser()
-    from nstjax.weights import cache_dir
-
     return cache_dir() / "xla"
 
 

@@ -27,7 +27,7 @@ import math
 import os
 from typing import Iterable, Sequence
 
-from nstjax import vgg
+from nstjax import records, vgg
 from nstjax.errors import UserError
 
 FLOAT_BYTES = 4
@@ -197,7 +197,7 @@ def check_fits(height: int, width: int, layers: Sequence[str], optimizer: str = 
                style_shapes: Sequence[tuple[int, int]] = (), style_scale: float = 1.0) -> None:
     """Raises a one-line :class:`UserError` naming the largest size that fits when a run of these
     sizes would not fit in memory. Skipped when ``NSTJAX_MEMORY_CHECK=0``."""
-    if os.environ.get("NSTJAX_MEMORY_CHECK", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not records.env_switch("NSTJAX_MEMORY_CHECK"):
         return
     available, platform = available_bytes()
     if available is None:

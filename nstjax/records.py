@@ -166,6 +166,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def env_switch(name: str) -> bool:
+    """Whether the on/off environment variable ``name`` is on: it is unless set to 0, false, no or
+    off (any case)."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
              "jax_threefry_partitionable", "jax_numpy_rank_promotion")
 
