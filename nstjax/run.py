@@ -268,8 +268,9 @@ def optimise(problem: Problem, *, start: RunState | None = None,
     Calls ``on_log`` with each logged step's record, ``on_image`` with intermediate images, and
     ``on_checkpoint`` with the state at the first chunk boundary at or after each multiple of
     ``checkpoint_every`` (at the last step, after that step's final ``on_log``: a multi-scale
-    resume treats a stage whose checkpoint is at its last step as finished and logged). Checks ``should_stop()`` before each chunk and returns early, with
-    ``interrupted`` true, when it says so. Returns a summary with the final image and terms and
+    resume treats a stage whose checkpoint is at its last step as finished and logged). Checks
+    ``should_stop()`` before each chunk and returns early, with ``interrupted`` true, when it says
+    so. Returns a summary with the final image and terms and
     ``state``, the :class:`RunState` it ended with. On a non-finite loss or gradient it stops at once,
     keeping the last good image; ``bad_terms`` then holds the bad evaluation's terms.
     """
