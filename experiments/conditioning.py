@@ -133,22 +133,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/conditioning")
     args = ap.parse_args(argv)
 
-    import importlib
-
+    from experiments.benchmark import load_config
     from nstjax import config as config_lib
     from nstjax.optimize import make_loss_fn
+    from nstjax.run import load_problem
 
-    run_mod = importlib.import_module("nstjax.run")  # nstjax.run the module, not nstjax.run the function
-    import importlib.util
-
-    loader = importlib.util.spec_from_file_location(
-        "pastiche_objective", Path(__file__).resolve().parents[1] / "configs" / "pastiche_objective.py")
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    cfg = module.get_config()
-    cfg.content, cfg.style, cfg.size = args.content, args.style, args.size
+    cfg, _ = load_config([], args.size, {"content": args.content, "style": args.style, "overrides": []},
+                         strict=True)
     spec = config_lib.validate(cfg)
-    problem = run_mod.load_problem(spec)
+    problem = load_problem(spec)
     loss_fn = make_loss_fn(problem.params, problem.targets, problem.weights, spec.objective, spec.precision)
     content, style = np.asarray(problem.content, np.float32), np.asarray(problem.styles[0], np.float32)
 
