@@ -193,13 +193,14 @@ class Checkpoints:
         return state, meta
 
     def restore(self, template: RunState, check_meta: Callable[[dict], None] | None = None,
-                ) -> tuple[RunState, dict] | None:
+                steps: list[int] | None = None) -> tuple[RunState, dict] | None:
         """The newest checkpoint that reads back intact, restored into ``template``'s structure, and
         its meta; ``None`` if there is none. Damaged ones are moved aside with a message.
-        ``check_meta(meta)`` may refuse a checkpoint by raising (e.g. one made from other inputs)."""
+        ``check_meta(meta)`` may refuse a checkpoint by raising (e.g. one made from other inputs).
+        ``steps``: only these steps are tried (the points of a batch resume at one step)."""
         from nstjax.errors import UserError
 
-        for step in reversed(self.steps()):
+        for step in reversed(self.steps() if steps is None else sorted(set(steps) & set(self.steps()))):
             try:
                 with _quiet_asyncio():
                     return self._restore_step(step, template, check_meta)

@@ -190,17 +190,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if not fv.replay:  # a replay compiles afresh: it checks compilation's determinism too
         compile_cache.enable()  # before anything compiles (imports jax: after argument checks)
-    from nstjax.run import run
     from nstjax import sweep
+    from nstjax.run import run, sweep_main
 
     if fv.dry_run or sweep.is_sweep(fv.config):
         try:
-            return sweep.main(fv.config, fv.workdir, overwrite=fv.overwrite, dry_run=fv.dry_run)
+            return sweep_main(fv.config, fv.workdir, overwrite=fv.overwrite, dry_run=fv.dry_run)
         except UserError as e:
             return _fail(e)
+        except RunInterrupted as e:
+            print(f"nstjax: {' '.join(str(e).split())}", file=sys.stderr)
+            return e.exit_code
         except KeyboardInterrupt:
-            print("nstjax: interrupted; finished points are kept: run the same command again to finish "
-                  "the points not yet done", file=sys.stderr)
+            print("nstjax: interrupted at once by a second Ctrl-C; finished points and the last periodic "
+                  "checkpoints are kept: run the same command again to finish the points not yet done",
+                  file=sys.stderr)
             return 130
     try:
         if fv.replay:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
-
 import ml_collections
 
 from nstjax import multiscale, vgg
@@ -128,7 +126,6 @@ class RunSpec:
     log_every: int
     save_every: int
     chunk: int
-    precision: Any
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
     hist_weight: float = 0.0
@@ -241,8 +238,11 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     for name in ("pooling", "content_norm", "gram_norm", "tv_kind", "precision", "init", "weights_path",
                  "compute_dtype"):
         _str(cfg, name)
+    if cfg.precision not in ("default", "highest"):
+        raise ConfigError(f"precision must be 'default' or 'highest', not {cfg.precision!r}")
     obj = Objective(content_layers, style_layers, cfg.pooling, cfg.content_norm, cfg.gram_norm,
-                    cfg.tv_kind, compute_dtype=cfg.compute_dtype)
+                    cfg.tv_kind, compute_dtype=cfg.compute_dtype,
+                    precision=None if cfg.precision == "default" else "highest")
     o = cfg.optimizer
     if not isinstance(o, (dict, ml_collections.ConfigDict)):
         raise ConfigError(f"optimizer must be a group of settings (name, learning_rate, ...), not {o!r}")
@@ -281,8 +281,6 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         raise ConfigError(f"init must be one of {', '.join(INITS)} or an image path, not {init!r}")
     if cfg.style_resize not in ("long_side", "pixels"):
         raise ConfigError(f"style_resize must be 'long_side' or 'pixels', not {cfg.style_resize!r}")
-    if cfg.precision not in ("default", "highest"):
-        raise ConfigError(f"precision must be 'default' or 'highest', not {cfg.precision!r}")
     content = _str(cfg, "content")
     if not content.strip():
         raise ConfigError("config.content is empty: name a content image")
@@ -299,7 +297,6 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         scales=_ints(cfg, "scales"), scale_steps=_ints(cfg, "scale_steps"),
         log_every=_int(cfg, "log_every", 1), save_every=_int(cfg, "save_every", 0),
         chunk=_int(cfg, "chunk", 1, MAX_CHUNK),
-        precision=None if cfg.precision == "default" else "highest",
         checkpoint_every=_int(cfg, "checkpoint_every", 0), checkpoint_keep=_int(cfg, "checkpoint_keep", 1),
     )
     return _validate_extensions(cfg, run_spec)
@@ -339,6 +336,19 @@ def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSp
         color_space=space, content_masks=content_masks, style_masks=style_masks)
     multiscale.stages(spec)  # checks scales against size and scale_steps
     return spec
+
+
+def chunk_length(spec: RunSpec) -> int:
+    """Steps per compiled chunk: divides the log and save intervals, so their steps fall on chunk
+    boundaries; all chunks but a last remainder have this length (so at most two compiles).
+
+    Checkpoints need no term here: they are taken at chunk boundaries (the first at or after each
+    multiple of ``checkpoint_every``; exactly there with the defaults), so the chunk sequence, and
+    with it every bit of the result, does not depend on ``checkpoint_every``."""
+    n = math.gcd(spec.chunk, spec.log_every)
+    if spec.save_every:
+        n = math.gcd(n, spec.save_every)
+    return max(1, n)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -151,6 +151,7 @@ class Objective:
     hist_layers: tuple[str, ...] = ()  # layers of the histogram loss (Risser et al. 2017)
     regions: int = 0  # masked regions, one style image each (Gatys et al. 2017); 0 = none
     compute_dtype: str = "float32"  # the optimised image's VGG convolutions: "float32" or "bfloat16"
+    precision: str | None = None  # matmul/conv precision on accelerators: None (default) or "highest"
 
     def __post_init__(self):
         vgg.check_layers(self.content_layers, "content layer")
@@ -167,6 +168,8 @@ class Objective:
             raise ConfigError("at least one content, style or histogram layer is needed")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {self.compute_dtype!r}")
+        if self.precision not in (None, "highest"):
+            raise ConfigError(f"precision must be 'default' or 'highest', not {self.precision!r}")
         if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 0:
             raise ConfigError(f"regions must be a non-negative integer, not {self.regions!r}")
 
@@ -224,7 +227,7 @@ def objective_weights(obj: Objective, content_weight, style_weight, tv_weight,
 
 
 def compute_targets(params, obj: Objective, content_image, style_images: Sequence,
-                    style_blend: Sequence[float] | None = None, precision=None, *,
+                    style_blend: Sequence[float] | None = None, *,
                     content_masks: Sequence | None = None, style_masks: Sequence | None = None
                     ) -> dict:
     """Content activations and blended per-position style Grams, computed once per run.
@@ -248,7 +251,8 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
     targets = {"content": {}, "style": {}}
     if obj.content_layers:
         # vgg.features is compiled: op by op, the targets' passes peak at about twice the memory.
-        feats = vgg.features(params, content_image, obj.content_layers, obj.pooling, precision)
+        feats = vgg.features(params, content_image, obj.content_layers, obj.pooling,
+                              obj.precision)
         targets["content"] = {l: feats[l][0] for l in obj.content_layers}
     styled = tuple(sorted(set(obj.style_layers) | set(obj.hist_layers), key=vgg.LAYER_INDEX.__getitem__))
     if not styled:
@@ -284,7 +288,7 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
     # Each style image's activations (M, C) and position weights (M,), summing to 1.
     per_style = []
     for img, smask in zip(style_images, style_masks):
-        feats = vgg.features(params, img, styled, obj.pooling, precision)
+        feats = vgg.features(params, img, styled, obj.pooling, obj.precision)
         acts = {}
         for l in styled:
             f = feats[l][0]
@@ -374,7 +378,7 @@ def _style_layer_loss(f: jax.Array, target, obj: Objective, w: jax.Array | None)
     return stats.w2_loss(f, w, target)
 
 
-def loss_terms(params, image, targets, weights, obj: Objective, precision=None) -> dict:
+def loss_terms(params, image, targets, weights, obj: Objective) -> dict:
     """All loss terms of ``image`` (H, W, 3): weighted, so ``loss = content + style + tv``
     (``+ hist`` with histogram layers).
 
@@ -382,7 +386,8 @@ def loss_terms(params, image, targets, weights, obj: Objective, precision=None) 
     With masked regions, a layer's style (and histogram) term is the sum over the regions of their
     guided losses, each normalised by its region's area.
     """
-    feats = vgg.apply_features(params, image[None], obj.layers, obj.pooling, precision, obj.compute_dtype)
+    feats = vgg.apply_features(params, image[None], obj.layers, obj.pooling, obj.precision,
+                                obj.compute_dtype)
     terms = {}
     content = jnp.float32(0.0)
     for l in obj.content_layers:

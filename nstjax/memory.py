@@ -51,26 +51,37 @@ def act_bytes_per_pixel(layers: Iterable[str]) -> float:
     return floats * FLOAT_BYTES
 
 
+def point_bytes(height: int, width: int, layers: Iterable[str], optimizer: str = "lbfgs", *,
+                memory_size: int = 10, chunk_steps: int = 10) -> float:
+    """Predicted bytes one point adds to a batch while it is optimised: its activations and
+    temporaries through a chunk of ``chunk_steps`` unrolled steps, and its optimiser state. A point
+    of a sweep costs what a single run's optimisation costs: both are batches (nstjax/batch.py)."""
+    act = act_bytes_per_pixel(tuple(layers))
+    pixels = float(height) * float(width)
+    opt = OPT_IMAGES.get(optimizer, OPT_IMAGES["lbfgs"])(memory_size) * 3 * FLOAT_BYTES * pixels
+    return pixels * act * (FIXED_FACTOR + PER_STEP_FACTOR * max(1, chunk_steps)) + opt
+
+
 def estimate_bytes(height: int, width: int, layers: Iterable[str], optimizer: str = "lbfgs", *,
                    memory_size: int = 10, chunk_steps: int = 10,
-                   style_shapes: Sequence[tuple[int, int]] = (), platform: str = "cpu") -> float:
-    """Predicted peak bytes of a run with an output of ``height`` x ``width`` pixels.
+                   style_shapes: Sequence[tuple[int, int]] = (), platform: str = "cpu",
+                   points: int = 1) -> float:
+    """Predicted peak bytes of a batch of ``points`` runs with outputs of ``height`` x ``width``
+    pixels (a single run: ``points=1``).
 
     ``layers``: every content and style layer; ``chunk_steps``: steps per compiled chunk
-    (:func:`nstjax.run.chunk_length`, at most ``steps``); ``style_shapes``: (height, width) of each
-    style image as used. Returns a float (it may be astronomically large; never overflows).
+    (:func:`nstjax.config.chunk_length`, at most ``steps``); ``style_shapes``: (height, width) of
+    each style image as used. Returns a float (it may be astronomically large; never overflows).
     """
     layers = tuple(layers)
     act = act_bytes_per_pixel(layers)
     pixels = float(height) * float(width)
-    n = max(1, chunk_steps)
-    per_image = 3 * FLOAT_BYTES * pixels
-    opt = OPT_IMAGES.get(optimizer, OPT_IMAGES["lbfgs"])(memory_size) * per_image
-    optimise = pixels * act * (FIXED_FACTOR + PER_STEP_FACTOR * n) + opt
+    optimise = points * point_bytes(height, width, layers, optimizer, memory_size=memory_size,
+                                    chunk_steps=chunk_steps)
     targets = max([float(h) * float(w) * act * TARGET_FACTOR for h, w in style_shapes]
                   + [pixels * act * TARGET_FACTOR])
     base = BASE_BYTES.get(platform, BASE_BYTES["other"])
-    return base + max(optimise, targets + per_image)
+    return base + max(optimise, targets + points * 3 * FLOAT_BYTES * pixels)
 
 
 def largest_size_that_fits(aspect: float, layers: Iterable[str], available: float, *,
@@ -161,6 +172,22 @@ def available_bytes(device=None) -> tuple[float | None, str]:
         return None, "gpu" if device.platform == "gpu" else "other"
     platform = "gpu" if device.platform in ("gpu", "cuda", "rocm") else "other"
     return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), platform
+
+
+def budget(memory_gb: float = 0.0) -> tuple[float | None, float, str]:
+    """(bytes per device to plan a batch with, the fixed base that is not per point, where the
+    number came from): ``memory_gb`` if given, else :func:`available_bytes` (cgroup-aware on CPU)
+    shared among the local devices (forced host devices share the host's memory)."""
+    import jax
+
+    available, platform = available_bytes()
+    base = BASE_BYTES.get(platform, BASE_BYTES["other"])
+    if memory_gb > 0:
+        return memory_gb * 2**30, base, "sweep.memory_gb"
+    if available is None:
+        return None, base, "unknown"
+    share = jax.local_device_count() if platform == "cpu" else 1
+    return available / share, base, f"{platform} memory available"
 
 
 def release_free_memory() -> None:

@@ -1,8 +1,10 @@
 """Optimising the image with optax: optimiser choice, initialisation, and the compiled step loop.
 
-:func:`run_steps` runs a chunk of optimiser steps as one compiled program and returns the per-step
-loss terms, so a whole chunk of steps costs one dispatch; the host only sees the image between chunks (for logging, intermediate images and checkpoints). The chunk freezes,
-keeping the last good image, when a loss term or the gradient stops being finite.
+:func:`steps` is a chunk of optimiser steps as one pure function returning the per-step loss terms,
+so a whole chunk of steps costs one dispatch once compiled; the host only sees the image between
+chunks (for logging, intermediate images and checkpoints). The chunk freezes, keeping the last good
+image, when a loss term or the gradient stops being finite. Its batched form (a leading point axis)
+is what runs and sweeps compile (:mod:`nstjax.programs`).
 
 Optimisers (``OptimizerSpec.name``):
 
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nstjax import lbfgs, memory
+from nstjax import lbfgs
 from nstjax.errors import ConfigError
 from nstjax.losses import Objective, loss_terms
 
@@ -86,18 +88,14 @@ def init_image(kind: str, rng: jax.Array, content: np.ndarray, style: np.ndarray
     raise ConfigError(f"init must be one of {', '.join(INITS)} or an image path, not {kind!r}")
 
 
-def make_loss_fn(params, targets, weights, obj: Objective, precision=None) -> Callable:
+def make_loss_fn(params, targets, weights, obj: Objective) -> Callable:
     """x -> (loss, terms) for one image."""
 
     def fn(x):
-        terms = loss_terms(params, x, targets, weights, obj, precision)
+        terms = loss_terms(params, x, targets, weights, obj)
         return terms["loss"], terms
 
     return fn
-
-
-def init_state(spec: OptimizerSpec, image: jax.Array):
-    return spec.build().init(image)
 
 
 def _finite_tree(tree) -> jax.Array:
@@ -121,10 +119,17 @@ def _keep_good(ok, new_state, old_state):
                         is_leaf=lambda t: isinstance(t, lbfgs.LBFGSState))
 
 
-def _steps(params, targets, weights, image, opt_state, *, obj, spec, n_steps, precision):
-    """Runs ``n_steps`` steps; returns (image, opt_state, terms[n_steps], done, ok)."""
+def steps(params, targets, weights, image, opt_state, *, obj: Objective, spec: OptimizerSpec,
+          n_steps: int):
+    """Runs ``n_steps`` optimiser steps on one image (pure; jit and vmap it).
+
+    Returns ``(image, opt_state, terms, done, ok)``: ``terms`` maps each term name to an array of
+    ``n_steps`` values, the losses of the images the steps started from. ``ok`` is false when an
+    evaluation was not finite: ``done`` steps were taken, entry ``done`` of ``terms`` holds the bad
+    evaluation, and the image returned is the last good one.
+    """
     opt = spec.build()
-    loss_fn = make_loss_fn(params, targets, weights, obj, precision)
+    loss_fn = make_loss_fn(params, targets, weights, obj)
     vg = jax.value_and_grad(loss_fn, has_aux=True)
     done, ok = jnp.int32(0), jnp.bool_(True)
     history = []
@@ -151,11 +156,7 @@ def _steps(params, targets, weights, image, opt_state, *, obj, spec, n_steps, pr
     return image, opt_state, terms, done, ok
 
 
-_run_steps = jax.jit(_steps, static_argnames=("obj", "spec", "n_steps", "precision"),
-                     donate_argnames=("opt_state",))
-
-
-def _unaliased(tree):
+def unaliased(tree):
     """``tree`` with repeated leaves copied: optax states may hold one array twice (optax.lbfgs's
     zero-initialised buffers), and a buffer cannot be donated twice."""
     seen = set()
@@ -170,80 +171,41 @@ def _unaliased(tree):
     return jax.tree.map(fresh, tree)
 
 
+_run_steps = jax.jit(steps, static_argnames=("obj", "spec", "n_steps"), donate_argnames=("opt_state",))
+
+
 def run_steps(params, targets, weights, image, opt_state, *, obj: Objective, spec: OptimizerSpec,
-              n_steps: int, precision):
-    """Runs ``n_steps`` optimiser steps as one compiled program.
-
-    ``opt_state`` is donated: its buffers are reused for the returned state (L-BFGS's history is
-    updated in place instead of copied), so pass each state once and continue from the one returned.
-
-    Returns ``(image, opt_state, terms, done, ok)``: ``terms`` maps each term name to an array of
-    ``n_steps`` values, the losses of the images the steps started from. ``ok`` is false when an
-    evaluation was not finite: ``done`` steps were taken, entry ``done`` of ``terms`` holds the bad
-    evaluation, and the image returned is the last good one.
-    """
-    args = (params, targets, weights, image, _unaliased(opt_state))
-    key = (obj, spec, n_steps, precision, jax.tree.structure(args),
-           tuple((np.shape(x), jnp.result_type(x), bool(getattr(x, "weak_type", False)))
-                 for x in jax.tree.leaves(args)))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = _run_steps.lower(*args, obj=obj, spec=spec, n_steps=n_steps,
-                                    precision=precision).compile()
-        # What the compiler freed stays with the process unless handed back (about 0.4 GB for a
-        # 10-step chunk), and the chunk's own buffers would then come on top of it.
-        memory.release_free_memory()
-        if len(_COMPILED) >= 16:
-            _COMPILED.pop(next(iter(_COMPILED)))
-        _COMPILED[key] = compiled
-    return compiled(*args)
+              n_steps: int):
+    """:func:`steps` compiled, ``opt_state`` donated (pass each state once and go on from the one
+    returned): the core for notebooks and tests. Runs and sweeps compile the batched form through
+    :mod:`nstjax.programs`."""
+    return _run_steps(params, targets, weights, image, unaliased(opt_state), obj=obj, spec=spec,
+                      n_steps=n_steps)
 
 
-# run_steps's compiled chunks, compiled ahead of time (so the compiler's memory can be released
-# before the first chunk runs), by static arguments and argument types; the 16 newest are kept.
-_COMPILED: dict = {}
-
-
-@partial(jax.jit, static_argnames=("obj", "precision"))
-def evaluate(params, targets, weights, image, *, obj, precision=None) -> dict:
-    """All loss terms of ``image`` (no gradient)."""
-    return loss_terms(params, image, targets, weights, obj, precision)
+@partial(jax.jit, static_argnames=("obj",))
+def evaluate(params, targets, weights, image, *, obj: Objective) -> dict:
+    """All loss terms of one ``image`` (no gradient)."""
+    return loss_terms(params, image, targets, weights, obj)
 
 
 # ------------------------------------------------------------------------------------------------
-# Batched (sweep) variants: many images optimised at once by one program. The VGG params and the
-# targets are shared (not batched); the weights, images and optimiser states carry a leading sweep
-# axis. A sweep over layer subsets or loss weights only changes the *values* of the weights, so
-# every point of a batch runs through the same compiled program (nstjax/sweep.py).
+# The batched forms that runs and sweeps compile (nstjax/programs.py): a leading point axis on the
+# targets, weights, images and optimiser states; the VGG params are shared. A sweep over layer
+# subsets or loss weights only changes the *values* of the weights, and one over images only the
+# targets' and images' values, so every point of a batch runs through one compiled program.
 
 
-def _batched_steps(params, targets, weights, images, opt_states, *, obj, spec, n_steps, precision):
-    def one(w, x, s):
-        return _steps(params, targets, w, x, s, obj=obj, spec=spec, n_steps=n_steps,
-                      precision=precision)
+def batched_steps(params, targets, weights, images, opt_states, *, obj, spec, n_steps):
+    def one(t, w, x, s):
+        return steps(params, t, w, x, s, obj=obj, spec=spec, n_steps=n_steps)
 
-    return jax.vmap(one)(weights, images, opt_states)
-
-
-run_steps_batched = jax.jit(_batched_steps, static_argnames=("obj", "spec", "n_steps", "precision"))
-run_steps_batched.__doc__ = """:func:`run_steps` vmapped over a leading axis of ``weights`` (a pytree
-of arrays shaped (B,)), ``images`` (B, H, W, 3) and ``opt_states``; ``params`` and ``targets`` are
-shared. Every output carries the leading axis: ``terms[k]`` is (B, n_steps), ``done`` and ``ok`` are
-(B,). Each point freezes on its own last good image when its loss stops being finite. To shard the
-batch over devices, jit ``_batched_steps`` with in/out shardings as :mod:`nstjax.sweep` does.
-"""
+    return jax.vmap(one)(targets, weights, images, opt_states)
 
 
-def _init_states_batched(images, *, spec: OptimizerSpec):
+def batched_init(images, *, spec: OptimizerSpec):
     return jax.vmap(spec.build().init)(images)
 
 
-def _evaluate_batched(params, targets, weights, images, *, obj, precision=None) -> dict:
-    return jax.vmap(lambda w, x: loss_terms(params, x, targets, w, obj, precision))(weights, images)
-
-
-init_states_batched = jax.jit(_init_states_batched, static_argnames=("spec",))
-init_states_batched.__doc__ = """The optimiser states of a batch of images (B, H, W, 3), each as
-:func:`init_state` makes it."""
-evaluate_batched = jax.jit(_evaluate_batched, static_argnames=("obj", "precision"))
-evaluate_batched.__doc__ = """:func:`evaluate` over a batch: every term has a leading axis (B,)."""
+def batched_evaluate(params, targets, weights, images, *, obj) -> dict:
+    return jax.vmap(lambda t, w, x: loss_terms(params, x, t, w, obj))(targets, weights, images)

@@ -67,7 +67,7 @@ def environment_differences(recorded: dict, now: dict) -> list[str]:
 def _pin_inputs(cfg: ml_collections.ConfigDict, manifest: dict, warn: Callable[[str], None]) -> None:
     """Points the config at the absolute paths the manifest recorded (relative paths depended on
     the directory the run started in) and warns when an image's bytes changed since."""
-    from nstjax.run import describe_input
+    from nstjax.problem import describe_input
 
     imgs = manifest.get("images") or {}
     recorded = [("content", imgs.get("content") or {})]
@@ -123,7 +123,7 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
     out = Path(tempfile.mkdtemp(prefix="nstjax-replay-")) if temporary else Path(workdir)
     log(f"replaying {source} ({manifest.get('steps')} steps, seed {manifest.get('seed')}) into {out}")
     try:
-        summary = run(cfg, out, overwrite=overwrite)
+        summary = run(cfg, out, overwrite=overwrite, batch_context=manifest.get("sweep"))
     except BaseException:
         if temporary:
             shutil.rmtree(out, ignore_errors=True)

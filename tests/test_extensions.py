@@ -24,7 +24,9 @@ from nstjax.config import base_config, validate
 from nstjax.errors import ConfigError, ImageError
 from nstjax.losses import Objective, compute_targets, loss_terms, objective_weights
 from nstjax.optimize import OptimizerSpec, init_image, run_steps
-from nstjax.run import load_problem, optimise, run
+from nstjax.batch import optimise_problem
+from nstjax.problem import load_problem
+from nstjax.run import run
 
 RNG = np.random.default_rng(7)
 L5 = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -374,11 +376,11 @@ def test_colour_preservation_keeps_the_contents_chroma(params, image_dir, tmp_pa
     """Gatys et al. 2016: both methods leave the output's chroma closer to the content's than plain
     transfer does; luminance-only transfer keeps it exactly (final.png is the recombined image)."""
     problem = load_problem(validate(_config(image_dir)), params)
-    plain, content = optimise(problem)["image"], problem.content
+    plain, content = optimise_problem(problem).image, problem.content
     d_plain = _chroma_distance(plain, content)
     assert d_plain[0] > 5.0  # the plain transfer does change the colours (blue and yellow)
 
-    matched = optimise(load_problem(validate(_config(image_dir, preserve_color="histogram")), params))["image"]
+    matched = optimise_problem(load_problem(validate(_config(image_dir, preserve_color="histogram")), params)).image
     d_hist = _chroma_distance(matched, content)
     assert all(h < 0.9 * p for h, p in zip(d_hist, d_plain)), (d_hist, d_plain)
 
@@ -415,8 +417,7 @@ def test_masks_confine_each_style_to_its_region(params, tubingen):
         x = init_image("noise", jax.random.PRNGKey(0), tubingen)
         state = spec.build().init(x)
         for _ in range(4):  # 20 steps, compiled 5 at a time (compiling is the slow part on a CPU)
-            x, state, _, _, ok = run_steps(params, t, weights, x, state, obj=obj, spec=spec, n_steps=5,
-                                           precision=None)
+            x, state, _, _, ok = run_steps(params, t, weights, x, state, obj=obj, spec=spec, n_steps=5)
         assert bool(ok)
         x = np.asarray(x)
         halves = x[:, : w // 2].reshape(-1, 3).mean(0), x[:, w // 2:].reshape(-1, 3).mean(0)
@@ -443,8 +444,7 @@ def test_histogram_loss_matches_activation_histograms_better_than_gram(params, t
         x = init_image("noise", jax.random.PRNGKey(0), tubingen)
         state = spec.build().init(x)
         for _ in range(4):  # 20 steps, compiled 5 at a time (compiling is the slow part on a CPU)
-            x, state, _, _, ok = run_steps(params, t, weights, x, state, obj=obj, spec=spec, n_steps=5,
-                                           precision=None)
+            x, state, _, _, ok = run_steps(params, t, weights, x, state, obj=obj, spec=spec, n_steps=5)
         assert bool(ok)
         fo = features(params, x, layers)
         distances[with_hist] = [

@@ -7,7 +7,7 @@ from PIL import Image
 
 from nstjax import images
 from nstjax.config import base_config, validate
-from nstjax.run import load_problem
+from nstjax.problem import load_problem
 
 
 def test_builtin_pair_is_deterministic_and_usable():

@@ -29,7 +29,7 @@ def test_optimisers_lower_the_loss(problem, tubingen, name, lr, steps):
     x = init_image("noise", jax.random.PRNGKey(0), tubingen)
     state = spec.build().init(x)
     x, state, terms, done, ok = run_steps(params, targets, weights, x, state, obj=OBJ, spec=spec,
-                                          n_steps=steps, precision=None)
+                                          n_steps=steps)
     assert bool(ok) and int(done) == steps
     loss = np.asarray(terms["loss"])
     assert loss.shape == (steps,)
@@ -46,10 +46,10 @@ def test_chunks_continue_where_they_stopped(problem, tubingen):
     spec = OptimizerSpec("lbfgs")
     x0 = init_image("content", jax.random.PRNGKey(0), tubingen)
     a, sa, *_ = run_steps(params, targets, weights, x0, spec.build().init(x0), obj=OBJ, spec=spec,
-                          n_steps=10, precision=None)
+                          n_steps=10)
     b, sb, *_ = run_steps(params, targets, weights, x0, spec.build().init(x0), obj=OBJ, spec=spec,
-                          n_steps=5, precision=None)
-    b, sb, *_ = run_steps(params, targets, weights, b, sb, obj=OBJ, spec=spec, n_steps=5, precision=None)
+                          n_steps=5)
+    b, sb, *_ = run_steps(params, targets, weights, b, sb, obj=OBJ, spec=spec, n_steps=5)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-2)
 
 
@@ -72,7 +72,7 @@ def test_non_finite_loss_freezes_on_the_last_good_image(problem, tubingen):
     spec = OptimizerSpec("adam", 5.0)
     x0 = init_image("content", None, tubingen)
     x, _, terms, done, ok = run_steps(params, targets, weights, x0, spec.build().init(x0), obj=OBJ,
-                                      spec=spec, n_steps=3, precision=None)
+                                      spec=spec, n_steps=3)
     assert not bool(ok) and int(done) == 0
     np.testing.assert_array_equal(np.asarray(x), np.asarray(x0))
     assert not np.isfinite(float(terms["style"][0]))
@@ -118,7 +118,7 @@ def test_lbfgs_freezes_on_the_last_good_image(problem, tubingen):
     spec = OptimizerSpec("lbfgs", memory_size=5)
     x0 = init_image("content", None, tubingen)
     x, state, _, done, ok = run_steps(params, targets, weights, x0, spec.build().init(x0), obj=OBJ,
-                                      spec=spec, n_steps=2, precision=None)
+                                      spec=spec, n_steps=2)
     assert not bool(ok) and int(done) == 0
     np.testing.assert_array_equal(np.asarray(x), np.asarray(x0))
     assert int(state[0].count) == 0 and int(state[0].size) == 0

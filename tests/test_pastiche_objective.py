@@ -11,7 +11,7 @@ import numpy as np
 from nstjax import features
 from nstjax.config import validate
 from nstjax.losses import loss_terms
-from nstjax.run import load_problem, style_size
+from nstjax.problem import load_problem, style_size
 from tests.conftest import ROOT
 
 

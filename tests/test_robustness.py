@@ -20,6 +20,7 @@ from PIL import Image
 from nstjax import images, memory, records
 from nstjax.cli import main
 from nstjax.errors import ImageError, UserError
+from nstjax.workdir import prepare_dir
 from tests.conftest import ROOT
 
 # A small, fast objective: the robustness of the edge does not need all of VGG-19.
@@ -100,7 +101,8 @@ def _bad_inputs(tmp: Path, image_dir: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "weights.txt").write_text("these are not weights")
     return {
         "missing file": ([f"--config.content={tmp / 'nope.jpg'}"], "nope.jpg: no such image file"),
-        "directory": ([f"--config.content={tmp / 'adir'}"], "is a directory"),
+        # A folder is an axis of its images (docs/sweeps.md): one without any is refused.
+        "directory": ([f"--config.content={tmp / 'adir'}"], "holds no images"),
         "non-image": ([f"--config.style={tmp / 'notes.jpg'}"], "not an image file"),
         "truncated jpeg": ([f"--config.content={tmp / 'cut.jpg'}"], "cut.jpg: cannot read image"),
         "empty file": ([f"--config.content={tmp / 'empty.jpg'}"], "file is empty"),
@@ -188,7 +190,7 @@ def test_prepare_dir_writes_to_prove_writability(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", refusing_open)
     with pytest.raises(UserError, match="not writable: Permission denied"):
-        R.prepare_dir(tmp_path / "w")
+        prepare_dir(tmp_path / "w")
 
 
 def test_finished_run_refused_and_kept(finished_workdir, image_dir, capsys):
@@ -217,7 +219,7 @@ def test_unfinished_run_of_another_config_is_refused(tmp_path, image_dir, capsys
 
 def test_config_differences_ignore_fields_that_do_not_change_the_result():
     from nstjax.config import base_config
-    from nstjax.run import config_differences
+    from nstjax.workdir import config_differences
 
     a, b = base_config(), base_config()
     b.progress, b.checkpoint_every, b.checkpoint_keep = False, 7, 5
@@ -493,22 +495,22 @@ def test_checkpoints_from_other_inputs_are_refused_not_discarded(tmp_path):
 def test_non_finite_loss_stops_at_once_keeping_image_and_checkpoint(tmp_path, image_dir, monkeypatch, capsys):
     import jax.numpy as jnp
 
-    import nstjax.run as R
+    from nstjax.programs import Programs
 
-    real = R.run_steps
+    real = Programs.steps
     calls = []
 
-    def poisoned(params, targets, weights, image, state, **kw):
+    def poisoned(self, params, targets, weights, image, state, **kw):
         """The third chunk (steps 10..14) meets a NaN at its second step."""
         calls.append(kw["n_steps"])
-        image, state, terms, done, ok = real(params, targets, weights, image, state, **kw)
+        image, state, terms, done, ok = real(self, params, targets, weights, image, state, **kw)
         if len(calls) == 3:
-            terms = {k: v.at[1].set(jnp.nan) if k in ("style", "style/relu2_1", "loss") else v
+            terms = {k: v.at[:, 1].set(jnp.nan) if k in ("style", "style/relu2_1", "loss") else v
                      for k, v in terms.items()}
-            return image, state, terms, jnp.int32(1), jnp.bool_(False)
+            return image, state, terms, jnp.ones_like(done), jnp.zeros_like(ok)
         return image, state, terms, done, ok
 
-    monkeypatch.setattr(R, "run_steps", poisoned)
+    monkeypatch.setattr(Programs, "steps", poisoned)
     wd = tmp_path / "w"
     code, err = _main(_argv(image_dir, wd, "--config.steps=30", "--config.chunk=5", "--config.log_every=5",
                             "--config.checkpoint_every=5"), capsys)
@@ -552,7 +554,7 @@ def test_stop_signals_set_a_flag_and_a_second_one_stops_at_once():
 def test_sigterm_during_setup_checkpoints_step_0_exits_143_and_resumes(tmp_path, image_dir, capsys, monkeypatch):
     import signal
 
-    import nstjax.run as R
+    import nstjax.batch as R
 
     real = R.load_problem
 

@@ -18,9 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nstjax import records, sweep as sw
+from nstjax import memory, records, sweep as sw
 from nstjax.config import base_config
-from nstjax.errors import ConfigError
+from nstjax.errors import ConfigError, UserError
+from nstjax.problem import point_weights, union_objective
+from nstjax.run import run_sweep, sweep_main
+from nstjax.sweep_files import term_column
+from nstjax.workdir import is_done
 from tests.conftest import ROOT
 
 SUBSETS = (("relu1_1",), ("relu1_1", "relu2_1"), ("relu1_1", "relu2_1", "relu3_1"),
@@ -73,7 +77,7 @@ def swept(tmp_path_factory, image_dir, weights):
     workdir = tmp_path_factory.mktemp("sweep")
     said = []
     with _Compiles() as compiles:
-        out = sw.run_sweep(small_config(image_dir), workdir, params=params, weights_info=info,
+        out = run_sweep(small_config(image_dir), workdir, params=params, weights_info=info,
                            say=said.append)
     return workdir, out, compiles.names, said
 
@@ -160,8 +164,8 @@ def test_batches_split_only_on_what_changes_the_program(image_dir):
 
 def test_point_weights_are_zero_for_layers_a_point_does_not_use(image_dir):
     s = sw.expand(small_config(image_dir))
-    union = sw.union_objective([p.spec for p in s.points])
-    w = sw.point_weights(union, s.points[2].spec)  # relu1_1 + relu2_1: 1/2 each (the paper's 1/L)
+    union = union_objective([p.spec for p in s.points])
+    w = point_weights(union, s.points[2].spec)  # relu1_1 + relu2_1: 1/2 each (the paper's 1/L)
     assert set(w["style_layers"]) == set(SUBSETS[3])
     assert [float(w["style_layers"][l]) for l in SUBSETS[3]] == [0.5, 0.5, 0.0, 0.0]
     assert float(w["style_weight"]) == 100.0 and float(w["content_layers"]["relu2_2"]) == 1.0
@@ -210,9 +214,9 @@ def test_lbfgs_sums_in_the_same_order_batched_or_not():
 def test_an_8_point_layer_by_weight_sweep_compiles_the_step_once(swept):
     _, out, compiles, said = swept
     assert len(out["points"]) == 8 and len(out["batches"]) == 1
-    assert compiles.count("_sweep_steps") == 1, compiles
-    assert "_steps" not in compiles  # the single-run program is never built
-    assert compiles.count("_sweep_evaluate") == 1 and compiles.count("_sweep_init") == 1
+    assert compiles.count("batched_steps") == 1, compiles
+    assert "steps" not in compiles  # no unbatched program is built
+    assert compiles.count("batched_evaluate") == 1 and compiles.count("batched_init") == 1
     assert any("8 to run in 1 batch" in m for m in said)
 
 
@@ -289,10 +293,10 @@ def test_summary_columns_cannot_be_named_like_a_config_field():
     obj = Objective(("relu4_2",), ("relu1_1",), hist_layers=("relu1_1",))
     terms = obj.term_names
     assert {"loss", "content", "style", "tv", "hist", "style/relu1_1", "hist/relu1_1"} <= set(terms)
-    columns = [sw.term_column(t) for t in terms]
+    columns = [term_column(t) for t in terms]
     assert len(set(columns)) == len(columns)
     assert not fields & set(columns) and not set(columns) & set(sw.SUMMARY_COLUMNS)
-    assert [sw.term_column(t) for t in ("loss", "content", "style", "tv", "hist", "style/relu1_1")] == [
+    assert [term_column(t) for t in ("loss", "content", "style", "tv", "hist", "style/relu1_1")] == [
         "loss", "content_loss", "style_loss", "tv_loss", "hist_loss", "style/relu1_1"]
 
 
@@ -304,7 +308,7 @@ def test_a_sweep_over_style_images_has_one_style_column_the_paths(image_dir, wei
     c = small_config(image_dir, axes=(), points=({"style": styles[0], "steps": 2},
                                                  {"style": styles[1], "steps": 3}))
     c.style_layers, c.chunk, c.log_every = ("relu1_1", "relu2_1"), 1, 1
-    out = sw.run_sweep(c, tmp_path / "w", params=params, weights_info=info, say=lambda m: None,
+    out = run_sweep(c, tmp_path / "w", params=params, weights_info=info, say=lambda m: None,
                        write_figures=False)
     assert len(out["points"]) == 2
     text = (tmp_path / "w" / "summary.csv").read_text()
@@ -328,13 +332,15 @@ def test_a_killed_sweep_resumes_with_the_points_not_yet_done(image_dir, weights,
     """A budget of memory that fits 4 points splits the batch into 2 chunks (one compiled program);
     a kill during the second chunk leaves the first 4 points done, and the rerun does the rest."""
     params, info = weights
+    import nstjax.run as R
+
     s = sw.expand(small_config(image_dir))
-    union = sw.union_objective([p.spec for p in s.points])
-    per = sw.bytes_per_point((48, 64), union, "lbfgs", 10)
-    gb = (sw.shared_bytes((48, 64), union) + 4.5 * per) / 2**30
+    union = union_objective([p.spec for p in s.points])
+    per = memory.point_bytes(48, 64, union.layers, "lbfgs", memory_size=10, chunk_steps=3)
+    gb = (memory.BASE_BYTES["cpu"] + 4.5 * per) / 2**30
     cfg = small_config(image_dir, memory_gb=gb)
     workdir = tmp_path / "w"
-    real, calls = sw._optimise_chunk, []
+    real, calls = R.run_batch, []
 
     def killed_on_the_second_chunk(*a, **k):
         calls.append(1)
@@ -342,26 +348,26 @@ def test_a_killed_sweep_resumes_with_the_points_not_yet_done(image_dir, weights,
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(sw, "_optimise_chunk", killed_on_the_second_chunk)
+    monkeypatch.setattr(R, "run_batch", killed_on_the_second_chunk)
     said = []
     with _Compiles() as compiles, pytest.raises(KeyboardInterrupt):
-        sw.run_sweep(cfg, workdir, params=params, weights_info=info, say=said.append)
-    assert compiles.names.count("_sweep_steps") == 1
+        run_sweep(cfg, workdir, params=params, weights_info=info, say=said.append)
+    assert compiles.names.count("batched_steps") == 1
     assert any("2 chunks of 4" in m and "GiB" in m for m in said), said
-    done = [p for p in s.points if sw.is_done(workdir / "points" / p.name)]
+    done = [p for p in s.points if is_done(workdir / "points" / p.name)]
     assert [p.index for p in done] == [0, 1, 2, 3]
     stamp = {p.index: (workdir / "points" / p.name / "manifest.json").stat().st_mtime_ns for p in done}
-    monkeypatch.setattr(sw, "_optimise_chunk", real)
-    out = sw.run_sweep(cfg, workdir, params=params, weights_info=info, say=said.append)
+    monkeypatch.setattr(R, "run_batch", real)
+    out = run_sweep(cfg, workdir, params=params, weights_info=info, say=said.append)
     assert out["skipped"] == [0, 1, 2, 3] and [r["index"] for r in out["points"]] == [4, 5, 6, 7]
     assert all((workdir / "points" / p.name / "manifest.json").stat().st_mtime_ns == stamp[p.index] for p in done)
     assert len(list(csv.DictReader((workdir / "summary.csv").open()))) == 8
-    again = sw.run_sweep(cfg, workdir, params=params, weights_info=info, say=said.append)
+    again = run_sweep(cfg, workdir, params=params, weights_info=info, say=said.append)
     assert again["points"] == [] and again["skipped"] == list(range(8))
     other = small_config(image_dir)
     other.sweep.axes = (("style_weight", (1.0, 2.0)),)
-    with pytest.raises(sw.UserError, match="holds a different sweep"):
-        sw.run_sweep(other, workdir, params=params, weights_info=info, say=said.append)
+    with pytest.raises(UserError, match="holds a different sweep"):
+        run_sweep(other, workdir, params=params, weights_info=info, say=said.append)
 
 
 def test_a_point_whose_loss_blows_up_stops_alone(image_dir, weights, tmp_path):
@@ -371,7 +377,7 @@ def test_a_point_whose_loss_blows_up_stops_alone(image_dir, weights, tmp_path):
     cfg = small_config(image_dir)
     cfg.sweep.axes = (("style_layers", SUBSETS), ("style_weight", (1e2, 1e38)))
     said = []
-    out = sw.run_sweep(cfg, tmp_path / "w", params=params, weights_info=info, say=said.append)
+    out = run_sweep(cfg, tmp_path / "w", params=params, weights_info=info, say=said.append)
     status = [r["status"] for r in out["points"]]
     assert status == ["finished", "stopped: non-finite loss"] * 4
     blown = out["points"][1]
@@ -384,7 +390,7 @@ def test_a_point_whose_loss_blows_up_stops_alone(image_dir, weights, tmp_path):
     # The command line exits non-zero (2, as a single run does), also when the stopped points were
     # run by an earlier invocation and this one only finds them done.
     with pytest.raises(sw.NonFinitePoints, match=r"sweep points 1, 3, 5, 7 stopped on a non-finite loss"):
-        sw.main(cfg, str(tmp_path / "w"))
+        sweep_main(cfg, str(tmp_path / "w"))
     assert [r["status"] for r in csv.DictReader((tmp_path / "w" / "summary.csv").open())] == status
 
 
@@ -392,7 +398,7 @@ FOUR_DEVICES = textwrap.dedent("""
     import json, shutil, sys
     from pathlib import Path
     import jax, numpy as np
-    from nstjax import sweep as sw
+    from nstjax.run import run_sweep
     from tests.test_sweep import small_config
     image_dir, src, out_dir = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     assert jax.device_count() == 4
@@ -402,7 +408,7 @@ FOUR_DEVICES = textwrap.dedent("""
         shutil.copytree(src, w)
         for p in sorted((w / "points").iterdir())[1:7]:  # 6 points left to run: padded to 8 slots
             (p / "manifest.json").unlink()
-        res = sw.run_sweep(small_config(image_dir), w, devices=devices, say=lambda m: None)
+        res = run_sweep(small_config(image_dir), w, devices=devices, say=lambda m: None)
         b = res["batches"][0]
         images[name] = np.stack([r["image"] for r in res["points"]])
         print(json.dumps({"name": name, "ran": [r["index"] for r in res["points"]],
@@ -516,8 +522,8 @@ def test_contact_sheet_labels_rows_and_columns_and_marks_missing_cells():
 
 
 def test_extension_options_sweep_like_single_runs(image_dir, weights, tmp_path):
-    """Histogram layers (traced: one batch), colour preservation and the style statistic (static:
-    their own batches) in a sweep give what each point gives run alone."""
+    """Histogram layers and colour preservation (both per-point data: one batch) in a sweep give
+    what each point gives run alone."""
     from nstjax.run import run
 
     params, info = weights
@@ -526,9 +532,9 @@ def test_extension_options_sweep_like_single_runs(image_dir, weights, tmp_path):
     c.style_layers = ("relu1_1", "relu2_1")
     c.steps = 4
     said = []
-    out = sw.run_sweep(c, tmp_path / "sweep", params=params, weights_info=info, say=said.append,
+    out = run_sweep(c, tmp_path / "sweep", params=params, weights_info=info, say=said.append,
                        write_figures=False)
-    assert len(out["points"]) == 4 and len(out["batches"]) == 2, out["batches"]
+    assert len(out["points"]) == 4 and len(out["batches"]) == 1, out["batches"]
     for rec in out["points"]:
         point = out["sweep"].points[rec["index"]]
         alone = run(point.config, tmp_path / f"alone{point.index}", params=params, weights_info=info)
@@ -542,8 +548,7 @@ def test_extension_options_sweep_like_single_runs(image_dir, weights, tmp_path):
 
 def test_a_sweep_workdir_is_locked_and_refused_to_single_runs(swept, image_dir, tmp_path, capsys):
     from nstjax.cli import main as cli_main
-    from nstjax.errors import UserError
-    from nstjax.run import workdir_lock
+    from nstjax.workdir import workdir_lock
 
     workdir = swept[0]
     code = cli_main(["nstjax", f"--workdir={workdir}", "--config.size=64", "--config.steps=1"])
@@ -553,4 +558,4 @@ def test_a_sweep_workdir_is_locked_and_refused_to_single_runs(swept, image_dir, 
     busy.mkdir()
     with workdir_lock(busy):
         with pytest.raises(UserError, match="in use by another nstjax process"):
-            sw.run_sweep(small_config(image_dir), busy)
+            run_sweep(small_config(image_dir), busy)
