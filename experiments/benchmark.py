@@ -303,7 +303,7 @@ def load_config(overrides: list[str], size: int, inputs: dict, *, strict: bool):
 def nstjax_sizes(cfg) -> dict:
     from nstjax import images
     from nstjax.config import validate
-    from nstjax.run import style_size
+    from nstjax.problem import style_size
 
     spec = validate(cfg)
     c = images.load_pil(spec.content)
@@ -354,13 +354,13 @@ def throughput(cfg, reps: int, chunks: list[int]) -> dict:
 
     from nstjax.config import validate
     from nstjax.optimize import make_loss_fn, run_steps
-    from nstjax.run import load_problem
+    from nstjax.problem import load_problem
 
     spec = validate(cfg)
     problem = load_problem(spec, weights_path=str(cfg.weights_path))
     obj = spec.objective
     h, w = problem.content.shape[:2]
-    loss_fn = make_loss_fn(problem.params, problem.targets, problem.weights, obj, spec.precision)
+    loss_fn = make_loss_fn(problem.params, problem.targets, problem.weights, obj)
     vg = jax.jit(jax.value_and_grad(lambda x: loss_fn(x)[0]))
     t = time.perf_counter()
     jax.block_until_ready(vg(problem.image))
@@ -376,7 +376,7 @@ def throughput(cfg, reps: int, chunks: list[int]) -> dict:
 
         def call():
             out = run_steps(problem.params, problem.targets, problem.weights, box["x"], box["state"],
-                            obj=obj, spec=opt, n_steps=n, precision=spec.precision)
+                            obj=obj, spec=opt, n_steps=n)
             box["x"], box["state"] = out[0], out[1]
             return out
 
@@ -521,13 +521,13 @@ def nstjax_loss_of_png(cfg, png: str) -> float:
     from nstjax import images
     from nstjax.config import validate
     from nstjax.optimize import evaluate
-    from nstjax.run import load_problem
+    from nstjax.problem import load_problem
 
     spec = validate(cfg)
     problem = load_problem(spec, weights_path=str(cfg.weights_path))
     x = images.load_image_to_shape(png, problem.content.shape[:2])
     return float(evaluate(problem.params, problem.targets, problem.weights, jnp.asarray(x),
-                          obj=spec.objective, precision=spec.precision)["loss"])
+                          obj=spec.objective)["loss"])
 
 
 def time_to_reach(records: list[dict], loss: float) -> dict | None:

@@ -136,13 +136,13 @@ def main(argv=None) -> int:
     from experiments.benchmark import load_config
     from nstjax import config as config_lib
     from nstjax.optimize import make_loss_fn
-    from nstjax.run import load_problem
+    from nstjax.problem import load_problem
 
     cfg, _ = load_config([], args.size, {"content": args.content, "style": args.style, "overrides": []},
                          strict=True)
     spec = config_lib.validate(cfg)
     problem = load_problem(spec)
-    loss_fn = make_loss_fn(problem.params, problem.targets, problem.weights, spec.objective, spec.precision)
+    loss_fn = make_loss_fn(problem.params, problem.targets, problem.weights, spec.objective)
     content, style = np.asarray(problem.content, np.float32), np.asarray(problem.styles[0], np.float32)
 
     out = Path(args.out)

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nstjax import color, features, histogram, images, records  # noqa: E402
-from nstjax.sweep import term_column  # noqa: E402
+from nstjax.sweep_files import term_column  # noqa: E402
 from nstjax.config import base_config  # noqa: E402
 from nstjax.run import run  # noqa: E402
 from nstjax.weights import load_vgg19_with_info  # noqa: E402
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         image = images.load_image(out / name / "final.png")  # what the run wrote, 8-bit
         fo = features(params, image, MEASURE_LAYERS)
         row = {"panel": label, "workdir": name, "overrides": json.dumps(overrides), "wall_s": round(wall, 2)}
-        # Named as in a sweep's summary.csv (nstjax.sweep.term_column): loss, content_loss, ...
+        # Named as in a sweep's summary.csv (nstjax.sweep_files.term_column): loss, content_loss, ...
         row.update({term_column(k): record["final"].get(k, 0.0) for k in ("loss", "content", "style", "hist", "tv")})
         for l in MEASURE_LAYERS:
             f, s = fo[l][0], np.asarray(measure_style[l][0])

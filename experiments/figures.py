@@ -172,9 +172,9 @@ TITLES = {
 def losses_csv(sweep, rows: list[dict]) -> str:
     """One row per cell: the swept values, status, steps done and every final term; no timings.
     Columns named as in the sweep's summary.csv (``steps_done``, ``loss``, ``content_loss``,
-    ``style_loss``, ``style/relu1_1``, ...: :func:`nstjax.sweep.term_column`), so a figure sweeping
+    ``style_loss``, ``style/relu1_1``, ...: :func:`nstjax.sweep_files.term_column`), so a figure sweeping
     ``style`` has one ``style`` column, the painting."""
-    from nstjax.sweep import term_column
+    from nstjax.sweep_files import term_column
 
     terms: list[str] = []
     for r in rows:
@@ -198,7 +198,10 @@ def losses_csv(sweep, rows: list[dict]) -> str:
 
 
 def run_figure(name: str, args) -> dict:
-    from nstjax import images, plots, records, sweep as sw
+    from nstjax import images, plots, records, sweep_files
+    from nstjax import sweep as sw
+    from nstjax.run import run_sweep, sweep_main
+    from nstjax.workdir import POINTS_DIR
 
     content, styles = find_images(Path(args.images), args.content)
     cfg, (row_f, row_label), (col_f, col_label), ctx = figure_config(name, args.quick, content, styles)
@@ -209,12 +212,12 @@ def run_figure(name: str, args) -> dict:
     alpha_scale = scale_alpha(cfg, name, ctx)
     out = Path(args.out or f"runs/figures/{name}{'_quick' if args.quick else ''}")
     if args.dry_run:
-        return {"code": sw.main(cfg, str(out / "sweep"), dry_run=True)}
+        return {"code": sweep_main(cfg, str(out / "sweep"), dry_run=True)}
     t0 = time.time()
-    result = sw.run_sweep(cfg, out / "sweep", overwrite=args.overwrite,
+    result = run_sweep(cfg, out / "sweep", overwrite=args.overwrite,
                           say=lambda m: print(f"figures {name}: {m}", flush=True))
     sweep = result["sweep"]
-    rows = sw._point_records(out / "sweep", sweep)
+    rows = sweep_files._point_records(out / "sweep", sweep)
     records.write_text(out / "losses.csv", losses_csv(sweep, rows))
     cells = []
     for r in rows:
@@ -247,7 +250,7 @@ def run_figure(name: str, args) -> dict:
         "images": {"content": str(content), "styles": [str(s) for s in styles]},
         "weights": first.get("weights"),
         "cells": [{"index": r["point"].index, "values": json.loads(records.dumps(r["point"].values)),
-                   "dir": str(Path("sweep") / sw.POINTS_DIR / r["point"].name),
+                   "dir": str(Path("sweep") / POINTS_DIR / r["point"].name),
                    "final": r["manifest"].get("final")} for r in rows],
         "wall_s_this_invocation": time.time() - t0,
         "environment": records.environment(),

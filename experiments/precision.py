@@ -39,8 +39,9 @@ def main(argv=None) -> int:
     import jax
 
     from nstjax import config as config_lib
+    from nstjax.batch import optimise_problem
     from nstjax.optimize import evaluate
-    from nstjax.run import initial_state, load_problem, optimise
+    from nstjax.problem import load_problem
     from nstjax.weights import load_vgg19_with_info
 
     params, info = load_vgg19_with_info()
@@ -54,9 +55,9 @@ def main(argv=None) -> int:
         variants.insert(0, ("float32", "highest"))
     rows, reference = [], None
     for dtype, precision in variants:
-        spec = dataclasses.replace(base, objective=dataclasses.replace(base.objective, compute_dtype=dtype),
-                                   precision=None if precision == "default" else "highest")
-        prob = dataclasses.replace(problem, spec=spec)
+        obj = dataclasses.replace(base.objective, compute_dtype=dtype,
+                                  precision=None if precision == "default" else "highest")
+        prob = dataclasses.replace(problem, spec=dataclasses.replace(base, objective=obj), objective=obj)
         times = []
         t = [time.time()]
 
@@ -66,10 +67,9 @@ def main(argv=None) -> int:
                 times.append(1.0 / rec["steps_per_s"])
             t[0] = now
 
-        summary = optimise(prob, start=initial_state(prob), on_log=on_log)
-        image = summary["image"]
-        judged = float(evaluate(params, problem.targets, problem.weights, image, obj=base.objective,
-                                precision="highest")["loss"])
+        image = optimise_problem(prob, on_log=on_log).image
+        judge = dataclasses.replace(base.objective, precision="highest")
+        judged = float(evaluate(params, problem.targets, problem.weights, image, obj=judge)["loss"])
         if reference is None:
             reference = (image, judged)
         mse = float(np.mean((image - reference[0]) ** 2))
