@@ -57,13 +57,14 @@ from nstjax.config import RunSpec, validate
 from nstjax.errors import RunInterrupted, UserError
 from nstjax.losses import compute_targets, objective_weights
 from nstjax.optimize import INITS, evaluate, init_image, run_steps
+from nstjax.output import check_output, write_output
 from nstjax.weights import WeightsInfo, load_vgg19_with_info
 
 OUTPUT_FILES = ("config.json", "metrics.jsonl", "final.png", "manifest.json")
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".nstjax.lock"
 # Config fields that do not change a run's result: a run may be resumed with other values of these.
-RESULT_NEUTRAL_FIELDS = ("progress", "checkpoint_every", "checkpoint_keep")
+RESULT_NEUTRAL_FIELDS = ("progress", "checkpoint_every", "checkpoint_keep", "output", "output_bits")
 
 
 def _stderr(message: str) -> None:
@@ -618,6 +619,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
     log = log or _stderr
     t_start = time.time()
     spec = validate(cfg)
+    check_output(cfg)  # an unwritable --output fails now, not after the whole run
     workdir = Path(workdir)
     with StopSignals(handle_signals, log) as stop:
         created = prepare_dir(workdir)
@@ -786,6 +788,7 @@ def _run_in(cfg, spec: RunSpec, workdir: Path, plan: str, problem: Problem, stop
         ckpts.close()
 
     images.save_png(workdir / "final.png", summary["image"])
+    write_output(cfg, summary["image"])  # --output=FILE, when set
     records.write_json(workdir / "manifest.json", build_manifest(cfg, problem, summary, timing, extra=extra))
     if summary["bad_terms"] is not None:
         kept = [s for s in extra["checkpoints"]["steps"] if s <= stage_step]

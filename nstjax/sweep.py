@@ -191,6 +191,8 @@ def expand(cfg: ml_collections.ConfigDict) -> Sweep:
     extra = set(s.keys()) - set(base_config().sweep.keys())
     if extra:
         raise ConfigError(f"unknown sweep field(s): {', '.join(sorted(extra))}")
+    if cfg.get("output", ""):  # one file for many points: each point's final.png is its output
+        raise ConfigError("output (--output) is for a single run; a sweep writes points/*/final.png")
     axes = _parse_axes(s.axes)
     listed = _parse_points(s.points)
     axis_fields = [f for f, _ in axes]

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
 from nstjax import output
-from nstjax.config import base_config
+from nstjax.cli import main
+from nstjax.config import base_config, validate
 from nstjax.errors import ConfigError, UserError
 from nstjax.images import to_uint8
+from tests.conftest import ROOT
 
 
 def _gradient(h: int = 40, w: int = 60) -> np.ndarray:
@@ -207,3 +213,96 @@ def test_the_output_may_not_be_an_input_image(tmp_path):
     c.content, c.output = str(photo), str(tmp_path / "." / "photo.png")
     with pytest.raises(UserError, match="input image"):
         output.check_output(c)
+
+
+# --------------------------------------------------------------------------------------------
+# The config and the command
+
+
+@pytest.mark.parametrize("field, value", [("output", "out.bmpz"), ("output", 3), ("output_bits", 12),
+                                          ("output_bits", True), ("output_bits", 16)])
+def test_config_validation_refuses_a_bad_output_or_depth(field, value):
+    d = {**base_config().to_dict(), "output": "out.jpg", field: value}  # a dict: any type
+    with pytest.raises(ConfigError, match="output"):
+        validate(ml_collections.ConfigDict(d))
+
+
+def test_config_validation_accepts_each_format():
+    for name in ("o.png", "o.jpg", "o.jpeg", "o.webp", "o.tif", "o.tiff"):
+        c = base_config()
+        c.output = name
+        validate(c)
+
+
+def _refusing_weights(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the network was loaded before the output path was checked")
+
+    # nstjax.run the module (the package's ``run`` attribute is the function), and the source.
+    monkeypatch.setattr(importlib.import_module("nstjax.run"), "load_vgg19_with_info", refuse)
+    monkeypatch.setattr("nstjax.weights.load_vgg19_with_info", refuse)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("x.bmpz", "extension '.bmpz'"), ("afile/x.png", "not a directory"),
+    ("/proc/nstjax/x.png", "cannot write output")])
+def test_a_bad_output_fails_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, name, message):
+    _refusing_weights(monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    workdir = tmp_path / "run"
+    out = name if name.startswith("/") else str(tmp_path / name)
+    code = main(["nstjax", f"--workdir={workdir}", f"--output={out}", "--config.size=64",
+                 "--config.steps=3", "--config.progress=False"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("nstjax: error: ") and err.count("\n") == 1 and message in err
+    assert not workdir.exists()
+
+
+def test_the_command_refuses_an_unknown_extension_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "nstjax", f"--workdir={tmp_path / 'run'}",
+                        f"--output={tmp_path / 'x.bmpz'}"], capture_output=True, text=True, cwd=ROOT, check=False,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2
+    assert r.stderr.startswith("nstjax: error: output") and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_cannot_be_combined_with_replay_or_a_sweep(tmp_path, capsys):
+    assert main(["nstjax", f"--replay={tmp_path}", f"--output={tmp_path / 'x.png'}"]) == 2
+    assert "--replay" in capsys.readouterr().err
+    from nstjax import sweep
+
+    c = base_config()
+    c.output = str(tmp_path / "x.png")
+    c.sweep.axes = (("seed", (0, 1)),)
+    with pytest.raises(ConfigError, match="single run"):
+        sweep.expand(c)
+
+
+def test_a_run_may_be_resumed_with_another_output():
+    from nstjax.run import config_differences
+
+    old = base_config().to_dict()
+    del old["output"], old["output_bits"]  # a run started before these fields existed
+    new = base_config()
+    new.output, new.output_bits = "a.tif", 8
+    assert config_differences(old, new.to_dict()) == []
+
+
+def test_a_run_writes_a_16_bit_tiff_equal_to_final_png_with_the_photos_profile(tmp_path, capsys):
+    photo, profile = tmp_path / "photo.jpg", _profile()  # made once: a profile holds its time
+    Image.fromarray(to_uint8(_gradient(48, 64)), "RGB").save(photo, quality=95, icc_profile=profile)
+    workdir, tif = tmp_path / "run", tmp_path / "out" / "result.tif"
+    code = main(["nstjax", f"--workdir={workdir}", f"--output={tif}", f"--config.content={photo}",
+                 "--config.size=64", "--config.steps=3", "--config.progress=False",
+                 "--config.checkpoint_every=0"])
+    assert code == 0, capsys.readouterr().err
+    final = np.asarray(Image.open(workdir / "final.png"), np.float64)
+    samples = _tiff_samples(tif)
+    assert samples.shape == final.shape
+    assert np.abs(samples / 257.0 - final).max() <= 0.5 + 0.5 / 257 + 1e-9
+    assert np.any(samples % 257 != 0)  # the extra bits came from the float image, not final.png
+    with Image.open(tif) as im:
+        assert im.info.get("icc_profile") == profile
+    assert sorted(p.name for p in tif.parent.iterdir()) == ["result.tif"]
