@@ -290,14 +290,23 @@ def test_a_run_may_be_resumed_with_another_output():
     assert config_differences(old, new.to_dict()) == []
 
 
-def test_a_run_writes_a_16_bit_tiff_equal_to_final_png_with_the_photos_profile(tmp_path, capsys):
-    photo, profile = tmp_path / "photo.jpg", _profile()  # made once: a profile holds its time
+@pytest.fixture(scope="module")
+def tiff_run(tmp_path_factory):
+    """A real run (64 px, 3 steps) of a photo with an sRGB profile, through the command, with
+    --output=.../result.tif: (workdir, the tif, the profile, exit code, stderr)."""
+    tmp = tmp_path_factory.mktemp("tiff_run")
+    photo, profile = tmp / "photo.jpg", _profile()  # made once: a profile holds its time
     Image.fromarray(to_uint8(_gradient(48, 64)), "RGB").save(photo, quality=95, icc_profile=profile)
-    workdir, tif = tmp_path / "run", tmp_path / "out" / "result.tif"
+    workdir, tif = tmp / "run", tmp / "out" / "result.tif"
     code = main(["nstjax", f"--workdir={workdir}", f"--output={tif}", f"--config.content={photo}",
                  "--config.size=64", "--config.steps=3", "--config.progress=False",
                  "--config.checkpoint_every=0"])
-    assert code == 0, capsys.readouterr().err
+    return workdir, tif, profile, code
+
+
+def test_a_run_writes_a_16_bit_tiff_equal_to_final_png_with_the_photos_profile(tiff_run):
+    workdir, tif, profile, code = tiff_run
+    assert code == 0
     final = np.asarray(Image.open(workdir / "final.png"), np.float64)
     samples = _tiff_samples(tif)
     assert samples.shape == final.shape
@@ -306,3 +315,13 @@ def test_a_run_writes_a_16_bit_tiff_equal_to_final_png_with_the_photos_profile(t
     with Image.open(tif) as im:
         assert im.info.get("icc_profile") == profile
     assert sorted(p.name for p in tif.parent.iterdir()) == ["result.tif"]
+
+
+def test_a_replay_leaves_the_original_runs_output_file_alone(tiff_run, tmp_path, capsys):
+    workdir, tif, _, code = tiff_run
+    assert code == 0
+    before = tif.stat()
+    assert main(["nstjax", f"--replay={workdir}", f"--workdir={tmp_path / 'replay'}"]) == 0
+    assert "IDENTICAL" in capsys.readouterr().out
+    after = tif.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
