@@ -1,14 +1,10 @@
 """The extra output file (``config.output``, ``--output=FILE``): the final image written once more,
 in the format its extension names, besides ``WORKDIR/final.png``.
 
-=================  ======  =========================================================
-extension          format  bits per channel (``config.output_bits``; 0 = the default)
-=================  ======  =========================================================
-``.png``           PNG     8 (default) or 16
-``.jpg``/``.jpeg`` JPEG    8, quality 95
-``.webp``          WebP    8, quality 95
-``.tif``/``.tiff`` TIFF    16 (default) or 8, uncompressed
-=================  ======  =========================================================
+- ``.png``: PNG, 8 bits per channel, or 16 with ``config.output_bits=16``;
+- ``.jpg``, ``.jpeg``: JPEG, 8 bits, quality 95;
+- ``.webp``: WebP, 8 bits, quality 95;
+- ``.tif``, ``.tiff``: uncompressed TIFF, 16 bits per channel, or 8 with ``config.output_bits=8``.
 
 16-bit files are made from the float image, not from the 8-bit ``final.png`` (value ``x`` in
 [0, 255] becomes ``round(x * 257)``), so they keep the precision the optimiser found. Pillow writes
