@@ -31,6 +31,7 @@ from nstjax.checkpoint import Checkpoints, RunState
 from nstjax.config import RunSpec, chunk_length
 from nstjax.errors import UserError
 from nstjax.losses import Objective
+from nstjax.output import write_output
 from nstjax.loop import PointResult, Sink, StageInputs, Timing, optimise
 from nstjax.problem import Problem, load_problem
 from nstjax.programs import Devices, Programs
@@ -367,6 +368,7 @@ def _finish(p: _Point, pr: Problem, r: PointResult, timing: dict, k: int, ctx: C
             images.save_png(p.job.dir / "images" / f"step_{r.steps_done:06d}.png", r.image)
         else:
             images.save_png(p.job.dir / "final.png", r.image)
+            write_output(p.job.config, r.image)  # --output=FILE, when set (single runs)
         records.write_json(p.job.dir / "manifest.json", manifest)
     return Outcome(p.job, r, status, manifest, p.resumes[-1]["from_step"] if p.resumes else None)
 

@@ -1,6 +1,7 @@
 """The ``nstjax`` command.
 
     nstjax --workdir=DIR [--config=configs/X.py] [--config.FIELD=VALUE ...] [--overwrite]
+           [--output=FILE]
     nstjax --replay=DIR [--workdir=NEWDIR]
     nstjax --config=configs/ablation_style_layers.py [--workdir=DIR] --dry_run
 
@@ -11,7 +12,8 @@ DIR it runs only the points not yet done. ``--dry_run`` lists the points and the
 With no ``--config`` it runs the built-in default (``configs/default.py``'s settings) on the
 built-in image pair. Running again with the same --workdir resumes an unfinished run of the same
 config from its last checkpoint; --overwrite starts over. --replay re-runs a finished run from its
-manifest and reports whether the result is bit-identical.
+manifest and reports whether the result is bit-identical. --output=FILE also writes the final image
+to FILE, in the format its extension names (.png, .jpg/.jpeg, .webp, .tif/.tiff; nstjax/output.py).
 
 Exit codes: 0 done (replay: IDENTICAL); 1 replay: DIFFERENT; 2 bad input or a refused workdir,
 reported as one line ``nstjax: error: ...``, never a traceback (an error in a --config file:
@@ -126,6 +128,8 @@ def make_flags(argv: list[str]) -> flags.FlagValues:
                         "compare the results.", flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "Print a sweep's points and batches; compute nothing.",
                       flag_values=fv)
+    flags.DEFINE_string("output", None, "Also write the final image to this file, in the format of "
+                        "its extension (.png, .jpg, .webp, .tif); sets config.output.", flag_values=fv)
     return fv
 
 
@@ -156,6 +160,10 @@ def _parse(argv: list[str]):
         return None, _fail(f"bad --config: {type(e).__name__}: {e}")
     if not fv.workdir and not fv.replay and not fv.dry_run:
         return None, _fail("--workdir is required (the directory for the run's outputs)")
+    if fv.output is not None:
+        if fv.replay:  # a replay checks final.png; it must not overwrite the original's --output file
+            return None, _fail("--output cannot be used with --replay")
+        fv.config.output = fv.output  # validated with the rest of the config, before any work
     return fv, 0
 
 

@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.chunk = 10  # most steps compiled into one program between host callbacks
     c.weights_path = ""  # a VGG-19 weights file; empty = $NSTJAX_WEIGHTS or the cache
     c.progress = True
+    # The final image once more, besides final.png (also --output=FILE); its extension picks the
+    # format: .png, .jpg/.jpeg, .webp, .tif/.tiff (nstjax/output.py). Empty = none.
+    c.output = ""
+    c.output_bits = 0  # bits per channel of `output`: 8 or 16 (PNG, TIFF); 0 = 16 for TIFF, else 8
     # Checkpoints and resume (docs/robustness.md).
     c.checkpoint_every = 50  # steps between orbax checkpoints in checkpoints/; 0 = none
     c.checkpoint_keep = 2  # newest checkpoints kept
@@ -299,7 +303,19 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         chunk=_int(cfg, "chunk", 1, MAX_CHUNK),
         checkpoint_every=_int(cfg, "checkpoint_every", 0), checkpoint_keep=_int(cfg, "checkpoint_keep", 1),
     )
+    _validate_output(cfg)
     return _validate_extensions(cfg, run_spec)
+
+
+def _validate_output(cfg: ml_collections.ConfigDict) -> None:
+    """``output``'s name and ``output_bits`` (the disk is checked later, by :func:`nstjax.run.run`)."""
+    from nstjax.output import output_format
+
+    path, bits = _str(cfg, "output"), _int(cfg, "output_bits", 0, 16)
+    if bits not in (0, 8, 16):
+        raise ConfigError(f"output_bits must be 0, 8 or 16, not {bits!r}")
+    if path:
+        output_format(path, bits)
 
 
 def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSpec:

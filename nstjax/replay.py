@@ -116,6 +116,7 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
     if not old_final.is_file():
         raise UserError(f"--replay: {old_final} does not exist, so there is nothing to compare with")
     cfg = config_from_manifest(manifest["config"])
+    cfg.output = ""  # the original run's extra output file is its own: a replay only compares
     _pin_inputs(cfg, manifest, log)
     for diff in environment_differences(manifest.get("environment") or {}, records.environment()):
         log(f"warning: {diff}; the result may differ")

@@ -51,6 +51,7 @@ from nstjax import memory, multiscale, records
 from nstjax.batch import Context, Job, run_batch
 from nstjax.config import validate
 from nstjax.errors import RunInterrupted, UserError
+from nstjax.output import check_output
 from nstjax.problem import check_problem, union_objective
 from nstjax.programs import Devices, Programs
 from nstjax.sweep import NonFinitePoints, describe, expand, is_sweep, plan, ranges
@@ -137,6 +138,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
     log = log or _stderr
     t_start = time.time()
     spec = validate(cfg)
+    check_output(cfg)  # an unwritable --output fails now, not after the whole run
     workdir = Path(workdir)
     objective, slots = spec.objective, 1
     if batch_context:
