@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.save_every = 0  # steps between intermediate images in images/; 0 = none
     c.chunk = 10  # most steps compiled into one program between host callbacks
     c.weights_path = ""  # a VGG-19 weights file; empty = $NSTJAX_WEIGHTS or the cache
-    c.progress = True
+    c.progress = True  # a progress bar on stderr, when stderr is a terminal
     # Checkpoints and resume (docs/robustness.md).
     c.checkpoint_every = 50  # steps between orbax checkpoints in checkpoints/; 0 = none
     c.checkpoint_keep = 2  # newest checkpoints kept

@@ -223,7 +223,7 @@ def chunk_length(spec: RunSpec) -> int:
 class _Progress:
     def __init__(self, total: int, enabled: bool, initial: int = 0):
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():  # a bar is for a person: no noise in pipes and logs
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
@@ -519,12 +519,18 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.signum is not None:
             self.__exit__()
-            self.log(f"second {name}: stopping at once (the last periodic checkpoint is kept)")
+            self._say(f"second {name}: stopping at once (the last periodic checkpoint is kept)")
             signal.raise_signal(signum)
             return
         self.signum = signum
-        self.log(f"got {name}: stopping after the current chunk of steps and saving a checkpoint "
-                 f"(send {name} again to stop at once)")
+        self._say(f"got {name}: stopping after the current chunk of steps and saving a checkpoint "
+                  f"(send {name} again to stop at once)")
+
+    def _say(self, message: str) -> None:
+        # On a terminal someone is watching: tell them at once. Elsewhere (a pipe, a log) the
+        # outcome's one line says it all (nstjax/interrupts.py: a signal ends in one line).
+        if self.log is not _stderr or sys.stderr.isatty():
+            self.log(message)
 
     def __enter__(self):
         if self.enabled:
