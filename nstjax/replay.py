@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -21,9 +22,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from nstjax import records
+from nstjax import interrupts, records
 from nstjax.config import base_config
-from nstjax.errors import ConfigError, UserError
+from nstjax.errors import ConfigError, RunInterrupted, UserError
 
 ENV_FIELDS = ("python", "platform", "machine", "cpu", "backend", "devices", "xla_flags", "jax_flags",
               "git_commit")
@@ -122,8 +123,19 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
     temporary = workdir is None
     out = Path(tempfile.mkdtemp(prefix="nstjax-replay-")) if temporary else Path(workdir)
     log(f"replaying {source} ({manifest.get('steps')} steps, seed {manifest.get('seed')}) into {out}")
+    if temporary:  # "run the same command again to resume" would be false: it replays afresh
+        interrupts.set_stop_message(f"stopped at once by {{name}}; the replay's partial output is left "
+                                    f"in {out}; run the same command again to replay from the start")
     try:
         summary = run(cfg, out, overwrite=overwrite)
+    except RunInterrupted as e:
+        if not temporary:  # the same command resumes the replay in its --workdir
+            raise
+        shutil.rmtree(out, ignore_errors=True)
+        name = signal.Signals(e.signum).name
+        raise RunInterrupted(f"stopped by {name} at step {e.step}: the replay was abandoned and its "
+                             f"temporary directory {out} removed; run the same command again to "
+                             "replay from the start", e.signum, e.step) from None
     except BaseException:
         if temporary:
             shutil.rmtree(out, ignore_errors=True)

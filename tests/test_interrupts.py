@@ -3,6 +3,7 @@ stderr, exit 128 + signum, never a traceback, and what the line says is true."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,3 +95,32 @@ def test_a_ctrl_c_while_the_process_exits_ends_it_at_once_without_a_traceback(ar
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert len(lines) == 1 and lines[0].startswith(last), lines  # an error's line was already out
 
+
+def test_an_interrupted_replay_into_a_temporary_directory_does_not_promise_a_resume(tmp_path, monkeypatch):
+    import numpy as np
+
+    import nstjax.run as R
+    from nstjax import images, replay
+    from nstjax.config import base_config
+    from nstjax.errors import RunInterrupted
+
+    source = tmp_path / "finished"
+    source.mkdir()
+    images.save_png(source / "final.png", np.zeros((8, 8, 3)))
+    (source / "manifest.json").write_text(json.dumps(
+        {"status": "finished", "config": base_config().to_dict(), "steps": 4, "seed": 0}))
+    used = []
+
+    def interrupted_run(cfg, workdir, **kwargs):
+        used.append(Path(workdir))
+        (Path(workdir) / "checkpoints").mkdir(parents=True)
+        raise RunInterrupted(f"stopped by SIGINT at step 2 of 4: saved a checkpoint in {workdir}; "
+                             "run the same command again to resume", signal.SIGINT, 2)
+
+    monkeypatch.setattr(R, "run", interrupted_run)
+    with pytest.raises(RunInterrupted) as e:
+        replay.replay(source, log=lambda m: None)
+    message = str(e.value)
+    assert e.value.exit_code == 130 and not used[0].exists()
+    assert "resume" not in message and f"{used[0]} removed" in message
+    assert "run the same command again to replay from the start" in message
