@@ -54,3 +54,64 @@ def test_a_checkpoint_that_cannot_be_written_is_reported_once_and_leaves_nothing
     assert not [p for p in (tmp_path / "checkpoints").iterdir()], "a half-written checkpoint was left"
     assert not [r for r in caplog.records if "SignalingThread" in r.getMessage()]
 
+
+def test_a_full_disk_writing_an_output_names_it_and_leaves_no_temporary_file(tmp_path):
+    from nstjax import records
+
+    path = tmp_path / "manifest.json"
+    records.write_json(path, {"old": True})
+
+    def write(f):
+        f.write("{")
+        _full()
+
+    with pytest.raises(OSError) as e:
+        records.atomic_write(path, write)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    assert records.read_json(path) == {"old": True}  # the earlier file is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_a_full_disk_appending_metrics_names_the_file(tmp_path, monkeypatch):
+    from nstjax import records
+
+    log = records.MetricsLog(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(records.os, "write", _full)
+    with pytest.raises(OSError) as e:
+        log.write({"step": 0})
+    log.close()
+    assert e.value.filename == str(tmp_path / "metrics.jsonl")
+
+
+def test_a_full_disk_while_writing_final_png_is_one_line_naming_it(tmp_path, image_dir, capsys,
+                                                                     monkeypatch):
+    import os
+
+    from nstjax import records
+
+    real_fsync = os.fsync
+
+    def full_for_final(fd):  # the disk fills up just as final.png's bytes reach it
+        if ".final.png." in os.readlink(f"/proc/self/fd/{fd}"):
+            _full()
+        return real_fsync(fd)
+
+    monkeypatch.setattr(records.os, "fsync", full_for_final)
+    wd = tmp_path / "w"
+    assert main(_argv(image_dir, wd)) == 2
+    err = capsys.readouterr().err
+    assert _lines(err) == [f"nstjax: error: No space left on device ({wd / 'final.png'})"], err
+    assert not (wd / "final.png").exists() and not list(wd.glob(".*.tmp"))
+    assert (wd / "config.json").exists() and (wd / "metrics.jsonl").exists()  # kept: it can resume
+
+
+def test_a_workdir_that_cannot_be_written_on_a_full_disk_is_not_left_behind(tmp_path, image_dir,
+                                                                             capsys, monkeypatch):
+    import nstjax.run as R
+
+    monkeypatch.setattr(R, "open", _full, raising=False)  # the probe write in prepare_dir
+    wd = tmp_path / "new" / "w"
+    assert main(_argv(image_dir, wd)) == 2
+    err = capsys.readouterr().err
+    assert _lines(err) == [f"nstjax: error: workdir {wd} is not writable: No space left on device"]
+    assert list(tmp_path.iterdir()) == []
