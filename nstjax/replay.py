@@ -141,11 +141,12 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
             shutil.rmtree(out, ignore_errors=True)
         raise
     new_manifest = records.read_json(out / "manifest.json")
-    recorded_sha = (manifest.get("weights") or {}).get("sha256")
-    now_sha = (new_manifest.get("weights") or {}).get("sha256")
-    if recorded_sha and now_sha and recorded_sha != now_sha:
-        log(f"warning: the VGG-19 weights differ (sha256 {now_sha[:12]} vs recorded {recorded_sha[:12]})")
+    weights = weights_difference(manifest.get("weights"), new_manifest.get("weights"))
+    if weights:
+        log(f"warning: {weights}")
     differences = compare_runs(source, out, manifest, new_manifest)
+    if differences and weights:  # the likely cause, first
+        differences.insert(0, weights)
     identical = not differences
     loss = (new_manifest.get("final") or {}).get("loss")
     if identical:
@@ -157,6 +158,20 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
         log(f"DIFFERENT: {'; '.join(differences)}; the replay is kept in {out}")
     return {"identical": identical, "workdir": None if (identical and temporary) else str(out),
             "differences": differences}
+
+
+def weights_difference(recorded: dict | None, now: dict | None) -> str | None:
+    """Says which VGG-19 weights each run used when they are not the same numbers (by the digest
+    of their arrays where both manifests have it, else by the source file's sha256)."""
+    recorded, now = recorded or {}, now or {}
+    key = "params_sha256" if recorded.get("params_sha256") and now.get("params_sha256") else "sha256"
+    if not (recorded.get(key) and now.get(key)) or recorded[key] == now[key]:
+        return None
+
+    def named(w: dict) -> str:
+        return f"{w.get('path')} ({w.get('source')}, sha256 {str(w.get('sha256'))[:12]})"
+
+    return f"the VGG-19 weights differ: {named(now)} now, {named(recorded)} in the recorded run"
 
 
 def compare_runs(old_dir: Path, new_dir: Path, old_manifest: dict, new_manifest: dict) -> list[str]:
