@@ -24,6 +24,7 @@ stdout closed early (``nstjax --dry_run ... | head``), quietly, as if killed by 
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.machinery
 import importlib.util
@@ -153,15 +154,57 @@ def _fail(message: str) -> int:
     return EXIT_USER_ERROR
 
 
+def _config_file_problem(path: str) -> str | None:
+    """Why ``path`` (``file.py`` or ``file.py:variant``) cannot be a --config file, if it cannot."""
+    candidates = [os.path.expanduser(f) for f in (path, path.split(":", 1)[0])]
+    if any(os.path.isfile(f) for f in candidates):
+        return None
+    file = candidates[-1]
+    try:
+        os.stat(file)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"config file {file} is a loop of symbolic links"
+        if os.path.islink(file):
+            return f"config file {file} is a symbolic link to {os.readlink(file)}, which does not exist"
+        if e.errno == errno.ENOENT:
+            return f"config file {file} does not exist"
+        return f"config file {file} cannot be read ({e.strerror or e})"
+    if os.path.isdir(file):
+        return f"config file {file} is a directory, not a Python file defining get_config()"
+    return f"config file {file} is not a regular file"
+
+
+def _unknown_field(e: BaseException, argv: list[str]) -> str:
+    """``unknown config field 'optimizer.nmae' (did you mean "name"?)`` from ml_collections'
+    KeyError, whose message is a repr of several lines (the name quoted, then a suggestion)."""
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+        e = e.args[0]
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    first, *rest = [line.strip() for line in text.strip().strip("\"'").splitlines() if line.strip()]
+    name = first.strip("\"'")
+    for a in argv[1:]:  # the whole dotted name the user typed, when one override ends with it
+        field = a[len("--config."):].split("=", 1)[0] if a.startswith("--config.") else ""
+        if field == name or field.endswith("." + name):
+            name = field
+            break
+    hint = " ".join(rest).strip().rstrip(".?")
+    if hint.startswith("Did you mean"):
+        hint = hint.split(" instead of ")[0].replace("Did you mean", "did you mean", 1) + "?"
+        if "." in name:  # the suggestion is a name within the same group
+            hint = hint.replace('"', f'"{name.rsplit(".", 1)[0]}.', 1)
+    return f"unknown config field '{name}'" + (f" ({hint})" if hint else "")
+
+
 def _parse(argv: list[str]):
     from absl import flags
 
     for a in argv[1:]:
         if not a.startswith("--config="):
             continue
-        path = a.split("=", 1)[1]  # "file.py:variant" passes "variant" to get_config
-        if not any(os.path.isfile(os.path.expanduser(f)) for f in (path, path.split(":", 1)[0])):
-            return None, _fail(f"config file {path.split(':', 1)[0]} does not exist")
+        problem = _config_file_problem(a.split("=", 1)[1])  # "file.py:variant": "variant" goes
+        if problem:  # to get_config
+            return None, _fail(problem)
     try:
         fv = make_flags(argv)
         fv(argv)
@@ -171,7 +214,7 @@ def _parse(argv: list[str]):
     except flags.Error as e:
         return None, _fail(e)
     except (AttributeError, KeyError) as e:
-        return None, _fail(f"unknown config field {str(e).strip(chr(34))}")
+        return None, _fail(_unknown_field(e, argv))
     except Exception as e:  # an override that does not fit the config, say
         return None, _fail(f"bad --config: {type(e).__name__}: {e}")
     if not fv.workdir and not fv.replay and not fv.dry_run:
