@@ -640,7 +640,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
                     check_problem(stage_specs[-1])
                 problem = load_problem(stage_specs[0], params, weights_info, str(cfg.weights_path))
                 return _run_in(cfg, spec, workdir, plan, problem, stop, log, t_start)
-        except UserError:
+        except (UserError, OSError):  # OSError: a full disk, an unusable cache directory
             if created:  # leave no empty directory behind a refused run
                 with contextlib.suppress(OSError):
                     (workdir / LOCK_FILE).unlink()

@@ -428,6 +428,25 @@ def load_vgg19_with_info(path: str | None = None) -> tuple[dict, WeightsInfo]:
     if path:
         return load_file(path)
     directory = cache_dir()
+    try:
+        return _load_cached(directory)
+    except OSError as e:  # the cache directory itself is unusable: say which and how it was chosen
+        raise WeightsError(_cache_dir_problem(directory, e)) from None
+
+
+def _cache_dir_problem(directory: Path, e: OSError) -> str:
+    why = e.strerror or str(e)
+    if directory.is_file():
+        why = "it is a file, not a directory"
+    elif e.filename and Path(e.filename) != directory:
+        why = f"{why}: {e.filename}"
+    origin = ("NSTJAX_CACHE_DIR" if os.environ.get("NSTJAX_CACHE_DIR") else
+              "$XDG_CACHE_HOME/nstjax" if os.environ.get("XDG_CACHE_HOME") else "the default")
+    return (f"cannot use the weights cache directory {directory} ({origin}): {why}; set "
+            "NSTJAX_CACHE_DIR to a writable directory, or NSTJAX_WEIGHTS to a weights file")
+
+
+def _load_cached(directory: Path) -> tuple[dict, WeightsInfo]:
     cached = _converted_cache_path(directory)
     if cached.exists():
         try:

@@ -33,6 +33,19 @@ def test_an_unknown_field_is_named_plainly_with_its_suggestion(override, message
     assert _error(["--workdir=w", override], capsys) == message
 
 
+@pytest.mark.parametrize("where", ["a file", "a path through a file"])
+def test_an_unusable_cache_directory_names_the_cache_and_its_variable(where, tmp_path, image_dir,
+                                                                      capsys, monkeypatch):
+    (tmp_path / "f").write_text("x")
+    cache = tmp_path / "f" if where == "a file" else tmp_path / "f" / "cache"
+    monkeypatch.delenv("NSTJAX_WEIGHTS", raising=False)
+    monkeypatch.setenv("NSTJAX_CACHE_DIR", str(cache))
+    message = _error(_run(image_dir, tmp_path / "w"), capsys)
+    assert message.startswith(f"cannot use the weights cache directory {cache} (NSTJAX_CACHE_DIR): ")
+    assert "NSTJAX_WEIGHTS" in message
+    assert not (tmp_path / "w").exists()  # the refused run leaves no workdir
+
+
 def test_layers_joined_by_commas_are_refused_with_the_tuple_syntax(capsys):
     message = _error(["--workdir=w", "--config.style_layers=relu1_1,relu2_1"], capsys)
     assert message == ("style_layers: 'relu1_1,relu2_1' is one name with commas in it; give several "
