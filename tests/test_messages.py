@@ -73,6 +73,16 @@ def test_symbolic_links_that_lead_nowhere_say_so(tmp_path):
         load_pil(tmp_path / "dangling.jpg")
 
 
+def test_a_weights_file_that_is_a_symlink_loop_says_so(tmp_path):
+    from nstjax.errors import WeightsError
+    from nstjax.weights import load_file
+
+    os.symlink(tmp_path / "b.npz", tmp_path / "a.npz")
+    os.symlink(tmp_path / "a.npz", tmp_path / "b.npz")
+    with pytest.raises(WeightsError, match="a.npz: a loop of symbolic links, not a weights file"):
+        load_file(str(tmp_path / "a.npz"))
+
+
 def test_a_directory_given_as_config_says_it_is_one(tmp_path, capsys):
     message = _error(["--workdir=w", f"--config={tmp_path}"], capsys)
     assert message == f"config file {tmp_path} is a directory, not a Python file defining get_config()"
