@@ -7,15 +7,40 @@ The public, pure API:
 - :func:`gram`, :func:`content_loss`, :func:`style_loss`, :func:`tv_loss`, :func:`loss_terms`;
 - :func:`run_steps`, the compiled optimisation loop; :func:`run`, a whole run with its files;
 - :func:`run_sweep`, a config's sweep as one compiled program per batch of points.
+
+The names are imported on first use (PEP 562), not when the package is: the ``nstjax`` command
+imports ``nstjax.cli`` through this package, and its SIGINT/SIGTERM handlers can only be installed
+once the package is imported; importing JAX here would leave a second of start-up in which a
+Ctrl-C surfaces as a traceback (nstjax/interrupts.py).
 """
 
-from nstjax.losses import (Objective, compute_targets, content_loss, gram, loss_terms,
-                           objective_weights, style_loss, tv_loss)
-from nstjax.optimize import OptimizerSpec, init_image, run_steps
-from nstjax.vgg import LAYERS, features
-from nstjax.weights import load_vgg19, load_vgg19_with_info
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_LAZY = {
+    **dict.fromkeys(("Objective", "compute_targets", "content_loss", "gram", "loss_terms",
+                     "objective_weights", "style_loss", "tv_loss"), "nstjax.losses"),
+    **dict.fromkeys(("OptimizerSpec", "init_image", "run_steps"), "nstjax.optimize"),
+    **dict.fromkeys(("LAYERS", "features"), "nstjax.vgg"),
+    **dict.fromkeys(("load_vgg19", "load_vgg19_with_info"), "nstjax.weights"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'nstjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def run(*args, **kwargs):
@@ -26,8 +51,8 @@ def run(*args, **kwargs):
 
 
 def run_sweep(*args, **kwargs):
-    """Runs a config's sweep into a workdir; see :func:`nstjax.sweep.run_sweep`."""
-    from nstjax.sweep import run_sweep as _run_sweep
+    """Runs a config's sweep into a workdir; see :func:`nstjax.run.run_sweep`."""
+    from nstjax.run import run_sweep as _run_sweep
 
     return _run_sweep(*args, **kwargs)
 

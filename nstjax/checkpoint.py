@@ -26,10 +26,13 @@ template state (the caller's freshly initialised one), so any optax state round-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -119,19 +122,54 @@ def digest(state: RunState) -> str:
 
 
 class _quiet_asyncio:
-    """Keeps tensorstore's orphaned-future reports ("Future exception was never retrieved") off
-    stderr while a restore that failed is cleaned up; the failure itself is reported in one line."""
+    """Keeps tensorstore's orphaned-future reports ("Future exception was never retrieved") and
+    orbax's per-thread error logs (through absl, with tracebacks) off stderr while a save or
+    restore that failed is cleaned up; the failure itself is reported in one line."""
+
+    LOGGERS = ("asyncio", "absl", "orbax", "tensorstore")
 
     def __enter__(self):
-        self.logger = logging.getLogger("asyncio")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.CRITICAL)
+        self.levels = {name: logging.getLogger(name).level for name in self.LOGGERS}
+        for name in self.LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+        # tensorstore's threads call back into an event loop orbax has closed after a failed
+        # write, and print each "RuntimeError: Event loop is closed" through sys.excepthook.
+        self.hooks = sys.excepthook, sys.unraisablehook
+        sys.excepthook = lambda *args: None
+        sys.unraisablehook = lambda unraisable: None
 
     def __exit__(self, *exc):
         import gc
 
         gc.collect()  # orphaned futures report when collected: let that happen while quiet
-        self.logger.setLevel(self.level)
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+        sys.excepthook, sys.unraisablehook = self.hooks
+
+
+class _OrphanedWriteFilter(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports of orbax's writes into a temporary
+    checkpoint directory: after a failed save they are garbage-collected whenever Python gets to
+    them, long after the failure was reported in its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("never retrieved" in message and TMP_MARK in message)
+
+
+def _drop_orphaned_write_reports() -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedWriteFilter) for f in logger.filters):
+        logger.addFilter(_OrphanedWriteFilter())
+
+
+def _why(e: BaseException) -> str:
+    """One short line for a failed write: the OS's words when it was one (a full disk, say)."""
+    text = " ".join(str(e).split())
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        if f"os_error_code='{code}'" in text or getattr(e, "errno", None) == code:
+            return os.strerror(code)
+    return text[:200] or type(e).__name__
 
 
 class Checkpoints:
@@ -144,6 +182,7 @@ class Checkpoints:
         self._ocp = ocp
         self.directory = Path(directory).absolute()
         self.log = log or _stderr
+        self.failed = 0  # saves that could not be written
         self.directory.mkdir(parents=True, exist_ok=True)
         for tmp in sorted(self.directory.glob(f"*{TMP_MARK}*")):
             self.log(f"removed a half-written checkpoint {tmp.name} (the run was killed while saving)")
@@ -157,10 +196,27 @@ class Checkpoints:
         return sorted(self._mgr.all_steps())
 
     def save(self, state: RunState, meta: dict | None = None) -> bool:
-        """Saves ``state`` (synchronously; finalised by rename). False if that step exists."""
-        ocp = self._ocp
+        """Saves ``state`` (synchronously; finalised by rename). False if that step exists, or if
+        it could not be written (a full disk): then what was half-written is removed, and the
+        first such failure of this directory is reported in one warning line through ``log``
+        (a run goes on without that checkpoint; its outputs matter more)."""
         if state.step in self.steps():
             return False
+        try:
+            with _quiet_asyncio():  # orbax's threads log every failed write with a traceback
+                return self._save(state, meta)
+        except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many kinds for one failed write)
+            _drop_orphaned_write_reports()
+            self._discard(state.step)
+            if not self.failed:
+                self.log(f"warning: could not save the checkpoint at step {state.step} in "
+                         f"{self.directory / str(state.step)} ({_why(e)}); going on without it "
+                         "(later checkpoints that fail are not reported again)")
+            self.failed += 1
+            return False
+
+    def _save(self, state: RunState, meta: dict | None) -> bool:
+        ocp = self._ocp
         meta = {**(meta or {}), "step": int(state.step), "digest": digest(state), "layout": layout(state),
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         saved = self._mgr.save(int(state.step), force=True, args=ocp.args.Composite(
@@ -172,6 +228,14 @@ class Checkpoints:
             step_dir = self.directory / str(state.step)
             write_json(step_dir / FILES_LIST, _file_digests(step_dir))
         return bool(saved)
+
+    def _discard(self, step: int) -> None:
+        """Removes what a failed save of ``step`` left: orbax's temporary directory, or the step
+        itself when only its file list failed (unlisted, a resume would set it aside as damaged)."""
+        for p in [*self.directory.glob(f"{step}{TMP_MARK}*"), self.directory / str(step)]:
+            shutil.rmtree(p, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self._mgr.reload()  # forget the step it may think it has
 
     def _restore_step(self, step: int, template: RunState, check_meta) -> tuple[RunState, dict]:
         ocp = self._ocp

@@ -18,12 +18,16 @@ to FILE, in the format its extension names (.png, .jpg/.jpeg, .webp, .tif/.tiff;
 Exit codes: 0 done (replay: IDENTICAL); 1 replay: DIFFERENT; 2 bad input or a refused workdir,
 reported as one line ``nstjax: error: ...``, never a traceback (an error in a --config file:
 ``nstjax: error: FILE: Type: message (line N)``); 130 / 143 stopped by SIGINT /
-SIGTERM after saving a checkpoint (run the same command again to resume); 141 (128 + SIGPIPE)
+SIGTERM, in one line from the first instruction to the last (nstjax/interrupts.py): before a run
+starts, with nothing written; during one, after saving a checkpoint (run the same command again to
+resume); a second signal stops at once, keeping the last periodic checkpoint; 141 (128 + SIGPIPE)
 stdout closed early (``nstjax --dry_run ... | head``), quietly, as if killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import importlib.machinery
 import importlib.util
 import os
@@ -31,16 +35,17 @@ import signal
 import sys
 import traceback
 
-import ml_collections
-from absl import flags
-from ml_collections import config_flags
-
-import nstjax.config as _config_module
+# Only the standard library and nstjax's light modules here: entry() installs the signal handlers
+# first, and everything imported before that (ml_collections, absl, JAX through nstjax.config) is
+# time in which a Ctrl-C would be a traceback. The heavy imports are in the functions using them.
+from nstjax import interrupts
 from nstjax.errors import RunInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_REPLAY_DIFFERENT = 1
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: what a shell reports for a program killed by SIGPIPE
+SWEEP_STOPPED = ("stopped by {name}; finished points are kept: run the same command again to finish "
+                 "the points not yet done")
 
 
 class ConfigFileError(UserError):
@@ -68,50 +73,64 @@ def describe_config_error(path: str, e: BaseException) -> str:
             + (f" (line {line})" if line else ""))
 
 
-class _ConfigFileParser(flags.ArgumentParser):
-    """Does what ml_collections' parser of ``--config=FILE[:ARG]`` does (load FILE, call
-    ``get_config(ARG)``, lock the result), except that any error in FILE or its get_config() is
-    raised as a :class:`ConfigFileError` naming the file and line. (ml_collections turns a
-    TypeError or ValueError into a flag error whose message is the whole traceback, keeps an
-    OSError for the first use of the config, where it surfaces as a traceback, and lets the others
-    through without saying where; absl wraps only TypeError and ValueError, so this one passes.)"""
+@functools.cache
+def _config_file_parser() -> type:
+    """The parser class for ``--config=FILE``, made on first use (it subclasses absl's)."""
+    import ml_collections
+    from absl import flags
 
-    def __init__(self, name: str, original: flags.ArgumentParser):
-        self.module_name = f"{name}_config"  # the module name ml_collections gives the file
-        self._original = original
+    class _ConfigFileParser(flags.ArgumentParser):
+        """Does what ml_collections' parser of ``--config=FILE[:ARG]`` does (load FILE, call
+        ``get_config(ARG)``, lock the result), except that any error in FILE or its get_config() is
+        raised as a :class:`ConfigFileError` naming the file and line. (ml_collections turns a
+        TypeError or ValueError into a flag error whose message is the whole traceback, keeps an
+        OSError for the first use of the config, where it surfaces as a traceback, and lets the others
+        through without saying where; absl wraps only TypeError and ValueError, so this one passes.)"""
 
-    def flag_type(self) -> str:
-        return self._original.flag_type()
+        def __init__(self, name: str, original: flags.ArgumentParser):
+            self.module_name = f"{name}_config"  # the module name ml_collections gives the file
+            self._original = original
 
-    def parse(self, path):
-        file, *arg = path.split(":", 1)  # as ml_collections splits it
-        try:
-            loader = importlib.machinery.SourceFileLoader(self.module_name, os.path.expanduser(file))
-            module = importlib.util.module_from_spec(importlib.util.spec_from_loader(self.module_name, loader))
-            sys.modules[self.module_name] = module  # as load_module() did: dataclasses, pickle look there
+        def flag_type(self) -> str:
+            return self._original.flag_type()
+
+        def parse(self, path):
+            file, *arg = path.split(":", 1)  # as ml_collections splits it
             try:
-                loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(self.module_name, None)
+                loader = importlib.machinery.SourceFileLoader(self.module_name, os.path.expanduser(file))
+                module = importlib.util.module_from_spec(importlib.util.spec_from_loader(self.module_name, loader))
+                sys.modules[self.module_name] = module  # as load_module() did: dataclasses, pickle look there
+                try:
+                    loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(self.module_name, None)
+                    raise
+                get_config = getattr(module, "get_config", None)
+                if not callable(get_config):
+                    raise ConfigFileError(f"{file}: defines no get_config() function")
+                config = get_config(*arg)
+            except ConfigFileError:
                 raise
-            get_config = getattr(module, "get_config", None)
-            if not callable(get_config):
-                raise ConfigFileError(f"{file}: defines no get_config() function")
-            config = get_config(*arg)
-        except ConfigFileError:
-            raise
-        except Exception as e:  # the config file is user code: any error in it is the user's to fix
-            raise ConfigFileError(describe_config_error(file, e)) from None
-        if not isinstance(config, ml_collections.ConfigDict):
-            missing = " (is its return missing?)" if config is None else ""
-            raise ConfigFileError(f"{file}: get_config() returned {type(config).__name__}, not an "
-                                  f"ml_collections.ConfigDict{missing}")
-        config.lock()
-        return config
+            except Exception as e:  # the config file is user code: any error in it is the user's to fix
+                raise ConfigFileError(describe_config_error(file, e)) from None
+            if not isinstance(config, ml_collections.ConfigDict):
+                missing = " (is its return missing?)" if config is None else ""
+                raise ConfigFileError(f"{file}: get_config() returned {type(config).__name__}, not an "
+                                      f"ml_collections.ConfigDict{missing}")
+            config.lock()
+            return config
+
+    return _ConfigFileParser
 
 
-def make_flags(argv: list[str]) -> flags.FlagValues:
-    """A fresh set of flags per invocation (config overrides become flags while parsing)."""
+def make_flags(argv: list[str]):
+    """A fresh set of flags per invocation (config overrides become flags while parsing): an
+    ``absl.flags.FlagValues``."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    import nstjax.config as _config_module
+
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", os.path.abspath(_config_module.__file__),
@@ -120,7 +139,7 @@ def make_flags(argv: list[str]) -> flags.FlagValues:
     flag = fv["config"]
     # For --config=FILE (the default, ours, is parsed already). Keyword arguments, so that absl
     # makes a new parser rather than caching one per original parser for ever.
-    flag.parser = _ConfigFileParser(name="config", original=flag.parser)
+    flag.parser = _config_file_parser()(name="config", original=flag.parser)
     flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace a run in --workdir instead of refusing (or resuming).",
                       flag_values=fv)
@@ -139,13 +158,57 @@ def _fail(message: str) -> int:
     return EXIT_USER_ERROR
 
 
+def _config_file_problem(path: str) -> str | None:
+    """Why ``path`` (``file.py`` or ``file.py:variant``) cannot be a --config file, if it cannot."""
+    candidates = [os.path.expanduser(f) for f in (path, path.split(":", 1)[0])]
+    if any(os.path.isfile(f) for f in candidates):
+        return None
+    file = candidates[-1]
+    try:
+        os.stat(file)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"config file {file} is a loop of symbolic links"
+        if os.path.islink(file):
+            return f"config file {file} is a symbolic link to {os.readlink(file)}, which does not exist"
+        if e.errno == errno.ENOENT:
+            return f"config file {file} does not exist"
+        return f"config file {file} cannot be read ({e.strerror or e})"
+    if os.path.isdir(file):
+        return f"config file {file} is a directory, not a Python file defining get_config()"
+    return f"config file {file} is not a regular file"
+
+
+def _unknown_field(e: BaseException, argv: list[str]) -> str:
+    """``unknown config field 'optimizer.nmae' (did you mean "name"?)`` from ml_collections'
+    KeyError, whose message is a repr of several lines (the name quoted, then a suggestion)."""
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+        e = e.args[0]
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    first, *rest = [line.strip() for line in text.strip().strip("\"'").splitlines() if line.strip()]
+    name = first.strip("\"'")
+    for a in argv[1:]:  # the whole dotted name the user typed, when one override ends with it
+        field = a[len("--config."):].split("=", 1)[0] if a.startswith("--config.") else ""
+        if field == name or field.endswith("." + name):
+            name = field
+            break
+    hint = " ".join(rest).strip().rstrip(".?")
+    if hint.startswith("Did you mean"):
+        hint = hint.split(" instead of ")[0].replace("Did you mean", "did you mean", 1) + "?"
+        if "." in name:  # the suggestion is a name within the same group
+            hint = hint.replace('"', f'"{name.rsplit(".", 1)[0]}.', 1)
+    return f"unknown config field '{name}'" + (f" ({hint})" if hint else "")
+
+
 def _parse(argv: list[str]):
+    from absl import flags
+
     for a in argv[1:]:
         if not a.startswith("--config="):
             continue
-        path = a.split("=", 1)[1]  # "file.py:variant" passes "variant" to get_config
-        if not any(os.path.isfile(os.path.expanduser(f)) for f in (path, path.split(":", 1)[0])):
-            return None, _fail(f"config file {path.split(':', 1)[0]} does not exist")
+        problem = _config_file_problem(a.split("=", 1)[1])  # "file.py:variant": "variant" goes
+        if problem:  # to get_config
+            return None, _fail(problem)
     try:
         fv = make_flags(argv)
         fv(argv)
@@ -155,7 +218,7 @@ def _parse(argv: list[str]):
     except flags.Error as e:
         return None, _fail(e)
     except (AttributeError, KeyError) as e:
-        return None, _fail(f"unknown config field {str(e).strip(chr(34))}")
+        return None, _fail(_unknown_field(e, argv))
     except Exception as e:  # an override that does not fit the config, say
         return None, _fail(f"bad --config: {type(e).__name__}: {e}")
     if not fv.workdir and not fv.replay and not fv.dry_run:
@@ -203,24 +266,29 @@ def main(argv: list[str] | None = None) -> int:
 
     if fv.dry_run or sweep.is_sweep(fv.config):
         try:
-            return sweep_main(fv.config, fv.workdir, overwrite=fv.overwrite, dry_run=fv.dry_run)
+            with interrupts.running(SWEEP_STOPPED):
+                return sweep_main(fv.config, fv.workdir, overwrite=fv.overwrite, dry_run=fv.dry_run)
         except UserError as e:
             return _fail(e)
         except RunInterrupted as e:
             print(f"nstjax: {' '.join(str(e).split())}", file=sys.stderr)
             return e.exit_code
         except KeyboardInterrupt:
-            print("nstjax: interrupted at once by a second Ctrl-C; finished points and the last periodic "
-                  "checkpoints are kept: run the same command again to finish the points not yet done",
-                  file=sys.stderr)
+            print(f"nstjax: {SWEEP_STOPPED.format(name='SIGINT')}", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # stdout's reader went away: not an error to report (see entry)
+            raise
+        except OSError as e:  # a full disk: one line, as for a single run
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            return _fail(f"{e.strerror or e}{where}")
     try:
-        if fv.replay:
-            from nstjax.replay import replay
+        with interrupts.running():  # a signal StopSignals does not handle: stop at once
+            if fv.replay:
+                from nstjax.replay import replay
 
-            result = replay(fv.replay, fv.workdir, overwrite=fv.overwrite)
-            return 0 if result["identical"] else EXIT_REPLAY_DIFFERENT
-        summary = run(fv.config, fv.workdir, overwrite=fv.overwrite)
+                result = replay(fv.replay, fv.workdir, overwrite=fv.overwrite)
+                return 0 if result["identical"] else EXIT_REPLAY_DIFFERENT
+            summary = run(fv.config, fv.workdir, overwrite=fv.overwrite)
     except UserError as e:
         return _fail(e)
     except RunInterrupted as e:
@@ -248,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    """The ``nstjax`` command: :func:`main` with SIGINT and SIGTERM handled from first to last
+    (nstjax/interrupts.py) and stdout closed early ending quietly."""
+    interrupts.install()  # first of all: before this, a Ctrl-C is a traceback
     try:
         code = main()
         sys.stdout.flush()  # so a reader that went away shows here, not in the interpreter's last flush
@@ -259,6 +330,7 @@ def entry() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = EXIT_BROKEN_PIPE
+    interrupts.exiting(code)  # a Ctrl-C during shutdown (atexit) ends it with this code, quietly
     sys.exit(code)
 
 

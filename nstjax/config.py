@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.save_every = 0  # steps between intermediate images in images/; 0 = none
     c.chunk = 10  # most steps compiled into one program between host callbacks
     c.weights_path = ""  # a VGG-19 weights file; empty = $NSTJAX_WEIGHTS or the cache
-    c.progress = True
+    c.progress = True  # a progress bar on stderr, when stderr is a terminal
     # The final image once more, besides final.png (also --output=FILE); its extension picks the
     # format: .png, .jpg/.jpeg, .webp, .tif/.tiff (nstjax/output.py). Empty = none.
     c.output = ""
@@ -212,7 +212,17 @@ def _layers(cfg, name: str) -> tuple[str, ...]:
         value = tuple(s.strip() for s in value.split(",") if s.strip())
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{name} must be a list of layer names, not {value!r}")
-    return vgg.check_layers(tuple(value), name.rstrip("s").replace("_", " "))
+    for v in value:  # --config.style_layers=relu1_1,relu2_1 gives ("relu1_1,relu2_1",)
+        if "," in v:
+            parts = tuple(p.strip() for p in v.split(",") if p.strip())
+            raise ConfigError(f"{name}: {v!r} is one name with commas in it; give several layers as a "
+                              f"tuple: --config.{name}=\"{parts!r}\"")
+    layers = vgg.check_layers(tuple(value), name.rstrip("s").replace("_", " "))
+    twice = sorted({v for v in layers if layers.count(v) > 1})
+    if twice:  # its terms would be logged under one name, each metric half of what it shows
+        raise ConfigError(f"{name} names {', '.join(twice)} more than once; give each layer once "
+                          f"(weight one more with {name.rstrip('s')}_weights)")
+    return layers
 
 
 MAX_SIZE = 65536  # longer side in pixels; the memory check refuses far less on real machines

@@ -6,6 +6,11 @@ prints ``nstjax: error: <message>`` with exit code 2; anything else is a bug and
 traceback. :class:`RunInterrupted` (SIGINT/SIGTERM) is not a user error and exits 128 + signum.
 """
 
+from __future__ import annotations
+
+import errno
+import os
+
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback. The message is
@@ -39,3 +44,18 @@ class RunInterrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def why_missing(path: str | os.PathLike, what: str = "file") -> str:
+    """Why a path that does not exist (``Path.exists()`` is False) does not: a loop of symbolic
+    links, a link to a missing file, or nothing there (``no such <what>``)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"a loop of symbolic links, not {'an' if what[:1] in 'aeiou' else 'a'} {what}"
+        if os.path.islink(path):
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"cannot open ({e.strerror or e})"
+    return f"no such {what}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 
-from nstjax.errors import ImageError
+from nstjax.errors import ImageError, why_missing
 
 BUILTIN_CONTENT = "builtin:hopper"
 BUILTIN_STYLE = "builtin:swirls"
@@ -50,8 +50,8 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
         return builtin_style()
     p = Path(path).expanduser()
     try:
-        if not p.exists():
-            raise ImageError(f"{p}: no such image file")
+        if not p.exists():  # also False for a symbolic link that leads nowhere: say which
+            raise ImageError(f"{p}: {why_missing(p, 'image file')}")
         if p.is_dir():
             raise ImageError(f"{p}: is a directory, not an image file")
         if not p.is_file():

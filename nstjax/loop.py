@@ -92,7 +92,7 @@ class Timing:
 class _Progress:
     def __init__(self, total: int, enabled: bool, initial: int = 0):
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():  # a bar is for a person: no noise in pipes and logs
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,

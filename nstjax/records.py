@@ -9,6 +9,7 @@ resumes from (:func:`truncate_metrics`).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -55,18 +56,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     over ``path``: readers (and a later run) see the old file or the new one, never half of one.
     The file gets the permissions a plain ``open`` would give (not ``mkstemp``'s 0600)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        # A failed write (a full disk) names no file, and it is the destination that matters to
+        # the user, not our temporary name: say which output could not be written.
+        raise _naming(e, path) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _naming(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` with ``path`` as its file name, keeping its type and errno."""
+    if e.errno is None:
+        return OSError(f"{e} ({path})")
+    return type(e)(e.errno, e.strerror or os.strerror(e.errno), str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -87,9 +100,13 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         line = (json.dumps(_jsonable(record)) + "\n").encode()
-        written = os.write(self._fd, line)
+        try:
+            written = os.write(self._fd, line)
+        except OSError as e:
+            raise _naming(e, self.path) from None
         if written != len(line):  # only on a full disk; the cut line is skipped when read
-            raise OSError(f"short write to {self.path} (disk full?)")
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a line was cut short)",
+                          str(self.path))
 
     def close(self) -> None:
         if self._fd >= 0:

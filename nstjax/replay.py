@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -21,9 +22,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from nstjax import records
+from nstjax import interrupts, records
 from nstjax.config import base_config
-from nstjax.errors import ConfigError, UserError
+from nstjax.errors import ConfigError, RunInterrupted, UserError
 
 ENV_FIELDS = ("python", "platform", "machine", "cpu", "backend", "devices", "xla_flags", "jax_flags",
               "git_commit")
@@ -123,18 +124,30 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
     temporary = workdir is None
     out = Path(tempfile.mkdtemp(prefix="nstjax-replay-")) if temporary else Path(workdir)
     log(f"replaying {source} ({manifest.get('steps')} steps, seed {manifest.get('seed')}) into {out}")
+    if temporary:  # "run the same command again to resume" would be false: it replays afresh
+        interrupts.set_stop_message(f"stopped at once by {{name}}; the replay's partial output is left "
+                                    f"in {out}; run the same command again to replay from the start")
     try:
         summary = run(cfg, out, overwrite=overwrite, batch_context=manifest.get("sweep"))
+    except RunInterrupted as e:
+        if not temporary:  # the same command resumes the replay in its --workdir
+            raise
+        shutil.rmtree(out, ignore_errors=True)
+        name = signal.Signals(e.signum).name
+        raise RunInterrupted(f"stopped by {name} at step {e.step}: the replay was abandoned and its "
+                             f"temporary directory {out} removed; run the same command again to "
+                             "replay from the start", e.signum, e.step) from None
     except BaseException:
         if temporary:
             shutil.rmtree(out, ignore_errors=True)
         raise
     new_manifest = records.read_json(out / "manifest.json")
-    recorded_sha = (manifest.get("weights") or {}).get("sha256")
-    now_sha = (new_manifest.get("weights") or {}).get("sha256")
-    if recorded_sha and now_sha and recorded_sha != now_sha:
-        log(f"warning: the VGG-19 weights differ (sha256 {now_sha[:12]} vs recorded {recorded_sha[:12]})")
+    weights = weights_difference(manifest.get("weights"), new_manifest.get("weights"))
+    if weights:
+        log(f"warning: {weights}")
     differences = compare_runs(source, out, manifest, new_manifest)
+    if differences and weights:  # the likely cause, first
+        differences.insert(0, weights)
     identical = not differences
     loss = (new_manifest.get("final") or {}).get("loss")
     if identical:
@@ -146,6 +159,20 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
         log(f"DIFFERENT: {'; '.join(differences)}; the replay is kept in {out}")
     return {"identical": identical, "workdir": None if (identical and temporary) else str(out),
             "differences": differences}
+
+
+def weights_difference(recorded: dict | None, now: dict | None) -> str | None:
+    """Says which VGG-19 weights each run used when they are not the same numbers (by the digest
+    of their arrays where both manifests have it, else by the source file's sha256)."""
+    recorded, now = recorded or {}, now or {}
+    key = "params_sha256" if recorded.get("params_sha256") and now.get("params_sha256") else "sha256"
+    if not (recorded.get(key) and now.get(key)) or recorded[key] == now[key]:
+        return None
+
+    def named(w: dict) -> str:
+        return f"{w.get('path')} ({w.get('source')}, sha256 {str(w.get('sha256'))[:12]})"
+
+    return f"the VGG-19 weights differ: {named(now)} now, {named(recorded)} in the recorded run"
 
 
 def compare_runs(old_dir: Path, new_dir: Path, old_manifest: dict, new_manifest: dict) -> list[str]:

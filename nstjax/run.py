@@ -97,12 +97,18 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.signum is not None:
             self.__exit__()
-            self.log(f"second {name}: stopping at once (the last periodic checkpoint is kept)")
+            self._say(f"second {name}: stopping at once (the last periodic checkpoint is kept)")
             signal.raise_signal(signum)
             return
         self.signum = signum
-        self.log(f"got {name}: stopping after the current chunk of steps and saving a checkpoint "
-                 f"(send {name} again to stop at once)")
+        self._say(f"got {name}: stopping after the current chunk of steps and saving a checkpoint "
+                  f"(send {name} again to stop at once)")
+
+    def _say(self, message: str) -> None:
+        # On a terminal someone is watching: tell them at once. Elsewhere (a pipe, a log) the
+        # outcome's one line says it all (nstjax/interrupts.py: a signal ends in one line).
+        if self.log is not _stderr or sys.stderr.isatty():
+            self.log(message)
 
     def __enter__(self):
         if self.enabled:
@@ -161,7 +167,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
                               progress=bool(cfg.progress), should_stop=stop, t_start=t_start)
                 result = run_batch([Job(cfg, spec, workdir, resume=plan_ == "resume")], ctx, objective,
                                    slots)
-        except UserError:
+        except (UserError, OSError):  # OSError: a full disk, an unusable cache directory
             if created:  # leave no empty directory behind a refused run
                 with contextlib.suppress(OSError):
                     (workdir / LOCK_FILE).unlink()

