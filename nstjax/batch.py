@@ -304,7 +304,7 @@ def run_batch(jobs: list[Job], ctx: Context, objective: Objective, slots: int | 
     _say_resumed(points, ctx, k0, start, metas is not None, problems)
 
     timing = Timing(ctx.t_start, ctx.progress, jobs[0].spec.log_every, jobs[0].spec.save_every,
-                    jobs[0].spec.checkpoint_every, int(jobs[0].config.get("print_every", 0) or 0))
+                    jobs[0].spec.checkpoint_every, int(jobs[0].config.print_every))
     ended: list[PointResult | None] = [None] * len(points)  # stopped on a non-finite loss
     first_chunk_s, last, prev = None, len(points[0].stages) - 1, None
     try:

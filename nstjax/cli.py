@@ -1,7 +1,7 @@
 """The ``nstjax`` command.
 
     nstjax --workdir=DIR [--config=configs/X.py] [--config.FIELD=VALUE ...] [--overwrite]
-           [--output=FILE]
+           [--output=FILE] [--print_every=N]
     nstjax --replay=DIR [--workdir=NEWDIR]
     nstjax --config=configs/ablation_style_layers.py [--workdir=DIR] --dry_run
 
@@ -26,7 +26,6 @@ stdout closed early (``nstjax --dry_run ... | head``), quietly, as if killed by 
 
 from __future__ import annotations
 
-import errno
 import functools
 import importlib.machinery
 import importlib.util
@@ -39,7 +38,7 @@ import traceback
 # first, and everything imported before that (ml_collections, absl, JAX through nstjax.config) is
 # time in which a Ctrl-C would be a traceback. The heavy imports are in the functions using them.
 from nstjax import interrupts
-from nstjax.errors import RunInterrupted, UserError
+from nstjax.errors import RunInterrupted, UserError, why_missing
 
 EXIT_USER_ERROR = 2
 EXIT_REPLAY_DIFFERENT = 1
@@ -147,6 +146,8 @@ def make_flags(argv: list[str]):
                         "compare the results.", flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "Print a sweep's points and batches; compute nothing.",
                       flag_values=fv)
+    flags.DEFINE_integer("print_every", None, "Print the loss and every weighted term every N steps "
+                         "on stdout; sets config.print_every.", flag_values=fv)
     flags.DEFINE_string("output", None, "Also write the final image to this file, in the format of "
                         "its extension (.png, .jpg, .webp, .tif); sets config.output.", flag_values=fv)
     return fv
@@ -164,16 +165,11 @@ def _config_file_problem(path: str) -> str | None:
     if any(os.path.isfile(f) for f in candidates):
         return None
     file = candidates[-1]
-    try:
-        os.stat(file)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return f"config file {file} is a loop of symbolic links"
-        if os.path.islink(file):
-            return f"config file {file} is a symbolic link to {os.readlink(file)}, which does not exist"
-        if e.errno == errno.ENOENT:
+    if not os.path.exists(file):
+        why = why_missing(file)
+        if why == "no such file":
             return f"config file {file} does not exist"
-        return f"config file {file} cannot be read ({e.strerror or e})"
+        return f"config file {file} {why}" if why.startswith("cannot") else f"config file {file} is {why}"
     if os.path.isdir(file):
         return f"config file {file} is a directory, not a Python file defining get_config()"
     return f"config file {file} is not a regular file"
@@ -223,6 +219,8 @@ def _parse(argv: list[str]):
         return None, _fail(f"bad --config: {type(e).__name__}: {e}")
     if not fv.workdir and not fv.replay and not fv.dry_run:
         return None, _fail("--workdir is required (the directory for the run's outputs)")
+    if fv.print_every is not None:
+        fv.config.print_every = fv.print_every  # validated with the rest of the config
     if fv.output is not None:
         if fv.replay:  # a replay checks final.png; it must not overwrite the original's --output file
             return None, _fail("--output cannot be used with --replay")

@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.chunk = 10  # most steps compiled into one program between host callbacks
     c.weights_path = ""  # a VGG-19 weights file; empty = $NSTJAX_WEIGHTS or the cache
     c.progress = True  # a progress bar on stderr, when stderr is a terminal
+    # Steps between lines on stdout with the total and every weighted term (also --print_every=N;
+    # jcjohnson/neural-style's -print_iter); 0 = none. Any step, not only logged ones.
+    c.print_every = 0
     # The final image once more, besides final.png (also --output=FILE); its extension picks the
     # format: .png, .jpg/.jpeg, .webp, .tif/.tiff (nstjax/output.py). Empty = none.
     c.output = ""
@@ -314,6 +317,7 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         checkpoint_every=_int(cfg, "checkpoint_every", 0), checkpoint_keep=_int(cfg, "checkpoint_keep", 1),
     )
     _validate_output(cfg)
+    _int(cfg, "print_every", 0)
     return _validate_extensions(cfg, run_spec)
 
 

@@ -209,6 +209,8 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
         if terms is not None and sink.log is not None:
             sink.log({"step": step, **terms, "elapsed_s": time.time() - timing.t_start,
                       "steps_per_s": None})
+        if terms is not None and timing.print_every and step % timing.print_every == 0:
+            print(print_line(step, terms, sink.label), flush=True)
         out.append(PointResult(sink.output(x_h[j]), RunState(step, x_h[j], _slot(s_h, j), batch.rngs[j]),
                                step, terms, None))
     if deferred:

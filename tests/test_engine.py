@@ -161,3 +161,16 @@ def test_a_content_folder_makes_one_point_per_image(image_dir, tmp_path, capsys)
     assert code == 0 and "sweep: 2 points over content" in out and "batch 0" in out
     c.content = str(photos / "*.jpg")
     assert len(sw.expand(c).points) == 2
+
+
+def test_print_every_prints_the_loss_and_every_weighted_term(image_dir, tmp_path, capsys):
+    code = main(["nstjax", f"--workdir={tmp_path / 'w'}", f"--config.content={image_dir / 'tubingen.jpg'}",
+                 f"--config.style={image_dir / STYLES[0]}", "--config.size=32", "--config.steps=4",
+                 "--config.progress=False", "--config.style_layers=('relu1_1','relu2_1')",
+                 "--print_every=2"])
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("step ")]
+    assert code == 0 and [line.split(":")[0] for line in lines] == ["step 0", "step 2", "step 4"]
+    assert all("style/relu1_1" in line and "style/relu2_1" in line and "content/relu4_2" in line
+               for line in lines)
+    assert (tmp_path / "w" / "config.json").read_text().count('"print_every": 2') == 1

@@ -216,7 +216,8 @@ def test_an_8_point_layer_by_weight_sweep_compiles_the_step_once(swept):
     assert len(out["points"]) == 8 and len(out["batches"]) == 1
     assert compiles.count("batched_steps") == 1, compiles
     assert "steps" not in compiles  # no unbatched program is built
-    assert compiles.count("batched_evaluate") == 1 and compiles.count("batched_init") == 1
+    # (at most once: an earlier test may have compiled them for these shapes already)
+    assert compiles.count("batched_evaluate") <= 1 and compiles.count("batched_init") <= 1
     assert any("8 to run in 1 batch" in m for m in said)
 
 
