@@ -6,7 +6,8 @@ The public, pure API:
 - :func:`features` (params, image, layers, pooling) -> dict of activations;
 - :func:`gram`, :func:`content_loss`, :func:`style_loss`, :func:`tv_loss`, :func:`loss_terms`;
 - :func:`run_steps`, the compiled optimisation loop; :func:`run`, a whole run with its files;
-- :func:`run_sweep`, a config's sweep as one compiled program per batch of points.
+- :func:`run_sweep`, a config's sweep as one compiled program per batch of points;
+- :func:`stylize` (arrays in, an array out) and :func:`stylize_sweep`, for notebooks.
 
 The names are imported on first use (PEP 562), not when the package is: the ``nstjax`` command
 imports ``nstjax.cli`` through this package, and its SIGINT/SIGTERM handlers can only be installed
@@ -28,6 +29,7 @@ _LAZY = {
     **dict.fromkeys(("OptimizerSpec", "init_image", "run_steps"), "nstjax.optimize"),
     **dict.fromkeys(("LAYERS", "features"), "nstjax.vgg"),
     **dict.fromkeys(("load_vgg19", "load_vgg19_with_info"), "nstjax.weights"),
+    **dict.fromkeys(("stylize", "stylize_sweep"), "nstjax.notebook"),
 }
 
 
@@ -59,4 +61,5 @@ def run_sweep(*args, **kwargs):
 
 __all__ = ["LAYERS", "Objective", "OptimizerSpec", "compute_targets", "content_loss", "features",
            "gram", "init_image", "load_vgg19", "load_vgg19_with_info", "loss_terms",
-           "objective_weights", "run", "run_steps", "run_sweep", "style_loss", "tv_loss"]
+           "objective_weights", "run", "run_steps", "run_sweep", "style_loss", "stylize",
+           "stylize_sweep", "tv_loss"]

@@ -48,6 +48,7 @@ class Job:
     resume: bool = False  # look for this point's checkpoints (an unfinished run of this config)
     label: str = ""
     sweep: dict | None = None  # the manifest's "sweep" record (index, values, ...)
+    on_record: Callable[[dict], None] | None = None  # also gets each metrics.jsonl record
 
 
 @dataclasses.dataclass
@@ -199,14 +200,18 @@ class _Point:
             if self.multi:
                 rec = {**rec, "step": rec["step"] + off, "stage": k, "stage_step": rec["step"],
                        "size": [h, w]}
-            self.log_file.write(rec)
+            if self.log_file is not None:
+                self.log_file.write(rec)
+            if job.on_record is not None:
+                job.on_record(rec)
 
         def image(s: int, im: np.ndarray) -> None:
             images.save_png(job.dir / "images" / f"step_{off + s:06d}.png", im)
 
         writer = self.ctx.writer
-        return Sink(job.spec.objective.term_names, problem.output, log if writer else None,
-                    image if writer else None, self.save if writer else None, job.label)
+        return Sink(job.spec.objective.term_names, problem.output,
+                    log if writer or job.on_record else None, image if writer else None,
+                    self.save if writer else None, job.label)
 
 
 def _restore(points: list[_Point], problems: list[Problem]):
@@ -421,7 +426,8 @@ def _extra(p: _Point, k: int) -> dict:
     extra = {"resumes": p.resumes, "checkpoints": {
         "every": p.job.spec.checkpoint_every, "keep": p.job.spec.checkpoint_keep,
         "dir": str(p.ckpt_dir(k).relative_to(p.job.dir)),
-        "steps": p.ckpts.steps() if p.ckpts else _steps_on_disk(p.ckpt_dir(k))},
+        "steps": p.ckpts.steps() if p.ckpts else
+        _steps_on_disk(p.ckpt_dir(k)) if p.ctx.writer else []},
         "fingerprint": p.fingerprint}
     if p.multi:
         extra["stages"] = p.stage_records

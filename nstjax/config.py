@@ -294,7 +294,7 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     if slw and len(slw) != len(style_layers):
         raise ConfigError(f"style_layer_weights has {len(slw)} weights for {len(style_layers)} style layers")
     init = str(cfg.init)
-    if init not in INITS and not (init.startswith("builtin:") or "/" in init or "." in init):
+    if init not in INITS and not (init.startswith(("builtin:", "memory:")) or "/" in init or "." in init):
         raise ConfigError(f"init must be one of {', '.join(INITS)} or an image path, not {init!r}")
     if cfg.style_resize not in ("long_side", "pixels"):
         raise ConfigError(f"style_resize must be 'long_side' or 'pixels', not {cfg.style_resize!r}")

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 
 from nstjax.errors import ImageError, why_missing
 
+MEMORY = "memory:"  # names of images held in memory (arrays from Python; see :func:`in_memory`)
 BUILTIN_CONTENT = "builtin:hopper"
 BUILTIN_STYLE = "builtin:swirls"
 MAX_PIXELS = 178_956_970  # PIL's own bomb limit (2 x Image.MAX_IMAGE_PIXELS)
@@ -48,6 +49,10 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
         return builtin_content()
     if str(path) == BUILTIN_STYLE:
         return builtin_style()
+    if str(path).startswith(MEMORY):
+        if str(path) not in _IN_MEMORY:
+            raise ImageError(f"{path}: no such image in memory (names are valid during the call that made them)")
+        return _IN_MEMORY[str(path)]
     p = Path(path).expanduser()
     try:
         if not p.exists():  # also False for a symbolic link that leads nowhere: say which
@@ -81,6 +86,67 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
     except Exception as e:  # truncated or malformed data: OSError, SyntaxError, ValueError, struct.error, ...
         detail = " ".join(str(e).split()) or type(e).__name__
         raise ImageError(f"{p}: cannot read image ({detail})") from None
+
+
+_IN_MEMORY: dict[str, Image.Image] = {}
+
+
+def from_any(image, what: str = "image") -> Image.Image:
+    """An RGB PIL image from what a notebook has: an (H, W, 3) or (H, W) array, uint8 in 0..255 or
+    float in 0..1 (if its largest value is at most 1) or 0..255, a PIL image, or a path. Raises
+    :class:`ImageError` in one line for anything else."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_pil(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    try:
+        a = np.asarray(image)
+    except Exception:  # noqa: BLE001 - whatever it is, it is not an image
+        a = None
+    if a is None or a.dtype == object or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
+        shape = getattr(a, "shape", None)
+        raise ImageError(f"{what}: expected an (H, W, 3) array, a PIL image or a path, not "
+                         f"{type(image).__name__}{'' if shape is None else f' of shape {shape}'}")
+    if a.size == 0 or not np.isfinite(a.astype(np.float64, copy=False)).all():
+        raise ImageError(f"{what}: the array is empty or holds NaN or infinite values")
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.dtype != np.uint8:
+        a = a.astype(np.float64)
+        scale = 255.0 if a.max() <= 1.0 else 1.0
+        a = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(a).convert("RGB")
+
+
+class in_memory:
+    """``with in_memory([a, b]) as names:`` makes images usable where nstjax takes paths: each gets
+    a name ``memory:<sha256 of its pixels>`` for the duration of the block."""
+
+    def __init__(self, images: list, what: str = "image"):
+        import hashlib
+
+        self.names = []
+        self._new = []
+        for i, image in enumerate(images):
+            pil = from_any(image, f"{what} {i + 1}" if len(images) > 1 else what)
+            if isinstance(image, (str, os.PathLike)):
+                self.names.append(str(image))
+                continue
+            digest = hashlib.sha256(pil.tobytes() + str(pil.size).encode()).hexdigest()
+            name = f"{MEMORY}{digest}"
+            if name not in _IN_MEMORY:
+                _IN_MEMORY[name] = pil
+                self._new.append(name)
+            self.names.append(name)
+
+    def __enter__(self) -> list[str]:
+        return self.names
+
+    def __exit__(self, *exc) -> None:
+        for name in self._new:
+            _IN_MEMORY.pop(name, None)
 
 
 def _exif_upright(im: Image.Image) -> Image.Image:

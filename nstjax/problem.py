@@ -81,6 +81,8 @@ def describe_input(path: str) -> dict:
     """Where an input image is and its sha256 (for manifests, resume and replay checks)."""
     if str(path).startswith("builtin:"):
         return {"path": str(path), "sha256": str(path)}
+    if str(path).startswith(images.MEMORY):  # named by its pixels' sha256
+        return {"path": str(path), "sha256": str(path)[len(images.MEMORY):]}
     p = Path(path).expanduser()
     h = hashlib.sha256()
     with open(p, "rb") as f:
