@@ -14,7 +14,10 @@
   Adam two moments;
 - computing the targets: a forward pass over each style image at its own size;
 - a fixed base: the JAX runtime, the compiler and the weights (``BASE_BYTES``: about 0.8 GB of
-  RSS on CPU).
+  RSS on CPU);
+- compiling a chunk (:func:`compile_bytes`): its steps are unrolled, so the compiler's memory
+  grows with the chunk length (about 41 MB per step through relu5_1), which is what long chunks
+  at small sizes run into (``--config.chunk=50`` at 64 px peaks at 2.7 GB).
 
 The factors were measured on CPU; on GPUs XLA's scheduler frees buffers sooner, so the estimate errs
 on the generous side there. :func:`largest_size_that_fits` inverts the estimate; :func:`available_bytes`
@@ -35,6 +38,13 @@ BASE_BYTES = {"cpu": 800 * 2**20, "gpu": 300 * 2**20, "other": 300 * 2**20}
 FIXED_FACTOR = 1.1  # activation sets independent of the chunk length (fit: 1.04)
 PER_STEP_FACTOR = 0.05  # activation sets per unrolled step of a chunk (fit: 0.043)
 TARGET_FACTOR = 1.5  # forward pass only, for the style targets
+# The compiler's own memory while it builds a chunk: the chunk's steps are unrolled (nstjax/
+# optimize.py), so it grows with the steps, about 41 MB per step through relu5_1 (13 convolutions),
+# whatever the image size. Measured (experiments/chunk_memory.py, 64 px, the default config): peak
+# RSS 710, 987, 1,562 and 2,731 MB for chunks of 1, 10, 25 and 50 steps, compiling in 1.8, 8.5,
+# 24 and 65 s. It is handed back before the chunk runs (nstjax/aot.py), so it counts against the
+# run's own peak, not on top of it.
+COMPILE_BYTES_PER_CONV_STEP = 3.3 * 2**20
 OPT_IMAGES = {"lbfgs": lambda m: 2 * m + 4, "lbfgs_zoom": lambda m: 2 * m + 8, "adam": lambda m: 5}
 
 
@@ -81,7 +91,19 @@ def estimate_bytes(height: int, width: int, layers: Iterable[str], optimizer: st
     targets = max([float(h) * float(w) * act * TARGET_FACTOR for h, w in style_shapes]
                   + [pixels * act * TARGET_FACTOR])
     base = BASE_BYTES.get(platform, BASE_BYTES["other"])
-    return base + max(optimise, targets + points * 3 * FLOAT_BYTES * pixels)
+    return base + max(optimise, targets + points * 3 * FLOAT_BYTES * pixels,
+                      compile_bytes(layers, chunk_steps))
+
+
+def compile_bytes(layers: Iterable[str], chunk_steps: int) -> float:
+    """The compiler's peak while it builds a chunk of ``chunk_steps`` unrolled steps through the
+    deepest of ``layers`` (see :data:`COMPILE_BYTES_PER_CONV_STEP`)."""
+    layers = tuple(layers)
+    if not layers:
+        return 0.0
+    last = vgg.LAYER_INDEX[vgg.deepest(layers)]
+    convs = sum(1 for name in vgg.LAYERS[:last + 1] if name.startswith("conv"))
+    return COMPILE_BYTES_PER_CONV_STEP * convs * max(1, chunk_steps)
 
 
 def largest_size_that_fits(aspect: float, layers: Iterable[str], available: float, *,
@@ -210,6 +232,10 @@ def release_free_memory() -> None:
 _LIBC = None
 
 
+def base_bytes(platform: str) -> float:
+    return BASE_BYTES.get(platform, BASE_BYTES["other"])
+
+
 def format_bytes(n: float) -> str:
     if not math.isfinite(n) or n >= 1e18:
         return "an astronomical amount"
@@ -236,8 +262,11 @@ def check_fits(height: int, width: int, layers: Sequence[str], optimizer: str = 
     best = largest_size_that_fits(width / height, layers, available, style_scale=style_scale,
                                   n_styles=len(style_shapes), **kw)
     where = "this machine" if platform == "cpu" else "the accelerator"
-    advice = (f"the largest --config.size that fits is about {best}" if best
-              else "no size fits; lower --config.optimizer.memory_size or --config.chunk")
+    if need - base_bytes(platform) <= compile_bytes(layers, chunk_steps):  # the compiler is what does not fit
+        advice = f"compiling {chunk_steps} unrolled steps is what needs it; lower --config.chunk"
+    else:
+        advice = (f"the largest --config.size that fits is about {best}" if best
+                  else "no size fits; lower --config.optimizer.memory_size or --config.chunk")
     raise UserError(f"a {width}x{height} output needs about {format_bytes(need)} of memory but "
                     f"{where} has about {format_bytes(available)} available; {advice} "
                     "(set NSTJAX_MEMORY_CHECK=0 to try anyway)")

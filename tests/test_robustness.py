@@ -394,6 +394,20 @@ def test_memory_estimate_matches_measurements_and_inverts():
     assert np.isfinite(memory.estimate_bytes(10**12, 10**12, layers))
 
 
+def test_the_memory_estimate_covers_compiling_long_chunks(monkeypatch):
+    """Compiling a chunk unrolls its steps: measured peaks at 64 px (experiments/chunk_memory.py)
+    were 710, 987, 1,562 and 2,731 MB for chunks of 1, 10, 25 and 50 steps. The estimate covers
+    them, and a chunk that cannot compile in the memory there is is refused naming the chunk."""
+    layers = ("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    for chunk, measured_mb in ((1, 710), (10, 987), (25, 1562), (50, 2731)):
+        est = memory.estimate_bytes(48, 64, layers, chunk_steps=chunk) / 2**20
+        assert measured_mb < est < 1.3 * measured_mb, (chunk, est)
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: (2.0e9, "cpu"))
+    with pytest.raises(UserError, match="compiling 100 unrolled steps is what needs it; lower --config.chunk"):
+        memory.check_fits(48, 64, layers, chunk_steps=100)
+    memory.check_fits(48, 64, layers, chunk_steps=10)
+
+
 def test_memory_check_can_be_skipped(monkeypatch):
     with pytest.raises(UserError, match="largest --config.size that fits"):
         memory.check_fits(30000, 40000, ["relu5_1"])
