@@ -32,8 +32,9 @@ from nstjax.config import RunSpec, chunk_length
 from nstjax.errors import UserError
 from nstjax.losses import Objective
 from nstjax.output import write_output
-from nstjax.loop import PointResult, Sink, StageInputs, Timing, optimise
-from nstjax.problem import Problem, load_problem
+from nstjax.loop import JudgeInputs, PointResult, Sink, StageInputs, Timing, optimise
+from nstjax import judge as judging
+from nstjax.problem import Problem, judge_shape, load_judge, load_problem
 from nstjax.programs import Devices, Programs
 from nstjax.workdir import CHECKPOINT_DIR, RESULT_NEUTRAL_FIELDS, remove_stale_temporaries
 
@@ -211,7 +212,8 @@ class _Point:
         writer = self.ctx.writer
         return Sink(job.spec.objective.term_names, problem.output,
                     log if writer or job.on_record else None, image if writer else None,
-                    self.save if writer else None, job.label)
+                    self.save if writer else None, job.label,
+                    judging.names(job.spec.preserve_color) if job.spec.judge else ())
 
 
 def _restore(points: list[_Point], problems: list[Problem]):
@@ -308,6 +310,7 @@ def run_batch(jobs: list[Job], ctx: Context, objective: Objective, slots: int | 
             p.log_file = records.MetricsLog(p.job.dir / "metrics.jsonl")
     _say_resumed(points, ctx, k0, start, metas is not None, problems)
 
+    judge_in = _judge_inputs(points, ctx, slots, cache)
     timing = Timing(ctx.t_start, ctx.progress, jobs[0].spec.log_every, jobs[0].spec.save_every,
                     jobs[0].spec.checkpoint_every, int(jobs[0].config.print_every))
     ended: list[PointResult | None] = [None] * len(points)  # stopped on a non-finite loss
@@ -327,10 +330,11 @@ def run_batch(jobs: list[Job], ctx: Context, objective: Objective, slots: int | 
             batch = stage_inputs(ctx.programs, ctx.params_on_devices, problems, slots,
                                  [st for st, _ in found] if found else None)
             h, w = problems[0].content.shape[:2]
-            sinks = [p.sink(k, pr, h, w) if ended[j] is None else Sink(pr.spec.objective.term_names, pr.output)
+            sinks = [p.sink(k, pr, h, w) if ended[j] is None else
+                     dataclasses.replace(p.sink(k, pr, h, w), log=None, image=None, checkpoint=None)
                      for j, (p, pr) in enumerate(zip(points, problems))]
-            res = optimise(ctx.programs, dataclasses.replace(batch, start=start), sinks, timing,
-                           ctx.should_stop)
+            res = optimise(ctx.programs, dataclasses.replace(batch, start=start, judge=judge_in), sinks,
+                           timing, ctx.should_stop)
             first_chunk_s = res.first_chunk_s if first_chunk_s is None else first_chunk_s
             for j, r in enumerate(res.points):
                 if ended[j] is None and r.bad_terms is not None:
@@ -367,7 +371,10 @@ def _finish(p: _Point, pr: Problem, r: PointResult, timing: dict, k: int, ctx: C
             status: str | None = None) -> Outcome:
     """Writes a point's result: final.png, then manifest.json (last: it marks the point done)."""
     status = status or ("finished" if r.bad_terms is None else "stopped: non-finite loss")
-    manifest = build_manifest(p.job.config, pr, r, timing, status, _extra(p, k))
+    extra = _extra(p, k)
+    if r.judge is not None:
+        extra["judge"] = {**r.judge, "size": list(judge_shape(p.job.spec))}
+    manifest = build_manifest(p.job.config, pr, r, timing, status, extra)
     if ctx.writer:
         if status.startswith("interrupted"):
             images.save_png(p.job.dir / "images" / f"step_{r.steps_done:06d}.png", r.image)
@@ -389,6 +396,16 @@ def _say_resumed(points, ctx, k0, start, resumed, problems) -> None:
     elif any(q.job.resume for q in points):
         ctx.log(f"found an unfinished run in {dirs} with no usable checkpoint: starting it again "
                 "from step 0")
+
+
+def _judge_inputs(points: list[_Point], ctx: Context, slots: int, cache: dict) -> JudgeInputs | None:
+    """The judge's targets of every point on the devices (None when the config turns it off)."""
+    spec = points[0].job.spec
+    if spec.judge is None:
+        return None
+    targets = [load_judge(p.job.spec, ctx.params, cache) for p in points]
+    return JudgeInputs(ctx.programs.devices.shard(_stack(_padded(targets, slots))),
+                       judging.objective(spec.objective.regions), judge_shape(spec), spec.judge.every)
 
 
 def stage_inputs(programs: Programs, params_on_devices, problems: list[Problem], slots: int,

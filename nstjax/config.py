@@ -16,6 +16,9 @@ import ml_collections
 from nstjax import multiscale, vgg
 from nstjax.errors import ConfigError
 from nstjax.images import BUILTIN_CONTENT, BUILTIN_STYLE
+from nstjax.judge import JudgeSpec
+from nstjax.judge import defaults as judge_defaults
+from nstjax.judge import validate as validate_judge
 from nstjax.losses import Objective
 from nstjax.optimize import INITS, OptimizerSpec
 
@@ -78,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Checkpoints and resume (docs/robustness.md).
     c.checkpoint_every = 50  # steps between orbax checkpoints in checkpoints/; 0 = none
     c.checkpoint_keep = 2  # newest checkpoints kept
+    # The judge (nstjax/judge.py): fixed reference metrics of every result, comparable across the
+    # points of an ablation: judge_style, judge_content, judge_color in the manifest and summary.csv.
+    c.judge = judge_defaults()
     # Sweeps (nstjax/sweep.py, docs/sweeps.md): many runs as one compiled program per batch of
     # points that share image shapes. Empty axes and points = a single run.
     c.sweep = ml_collections.ConfigDict({
@@ -135,6 +141,7 @@ class RunSpec:
     chunk: int
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
+    judge: JudgeSpec | None = None  # None: no judge
     hist_weight: float = 0.0
     hist_layer_weights: tuple[float, ...] = ()
     preserve_color: str = "none"
@@ -318,6 +325,7 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     )
     _validate_output(cfg)
     _int(cfg, "print_every", 0)
+    run_spec = dataclasses.replace(run_spec, judge=validate_judge(cfg, run_spec.log_every))
     return _validate_extensions(cfg, run_spec)
 
 
@@ -378,6 +386,8 @@ def chunk_length(spec: RunSpec) -> int:
     n = math.gcd(spec.chunk, spec.log_every)
     if spec.save_every:
         n = math.gcd(n, spec.save_every)
+    if spec.judge is not None and spec.judge.every:
+        n = math.gcd(n, spec.judge.every)
     return max(1, n)
 
 

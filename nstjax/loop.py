@@ -41,6 +41,17 @@ class Sink:
     image: Callable[[int, np.ndarray], None] | None = None
     checkpoint: Callable[[RunState], None] | None = None
     label: str = ""  # for print_every lines of a batch of several
+    judge_names: tuple[str, ...] = ()  # the judge metrics it reports (nstjax.judge.names)
+
+
+@dataclasses.dataclass
+class JudgeInputs:
+    """The judge's per-point targets on the devices, its objective and reference shape."""
+
+    targets: Any
+    obj: Objective
+    shape: tuple[int, int]
+    every: int = 0  # also judge every N steps of the stage (0: at the end only)
 
 
 @dataclasses.dataclass
@@ -59,6 +70,7 @@ class StageInputs:
     steps: int  # this stage's steps
     chunk: int  # steps per compiled chunk
     start: int = 0  # the step the states are at (a resume)
+    judge: JudgeInputs | None = None
 
 
 @dataclasses.dataclass
@@ -68,6 +80,7 @@ class PointResult:
     steps_done: int
     final_terms: dict | None  # every term of the last image; None when interrupted
     bad_terms: dict | None  # the non-finite evaluation's terms, if it stopped on one
+    judge: dict | None = None  # the judge's metrics of the result (nstjax/judge.py), if judged
 
 
 @dataclasses.dataclass
@@ -124,6 +137,17 @@ def print_line(step: int, terms: dict, label: str = "") -> str:
     return f"{label + ': ' if label else ''}step {step}: loss {terms['loss']:.6g} ({', '.join(parts)})"
 
 
+def _judge(programs: Programs, batch: StageInputs, sinks: list[Sink], x_h: np.ndarray) -> list[dict]:
+    """The judge's metrics of every point's result (its output: after colour handling)."""
+    devs, j = programs.devices, batch.judge
+    outs = [sink.output(x_h[i]) for i, sink in enumerate(sinks)]
+    outs += outs[-1:] * (x_h.shape[0] - len(outs))  # the padding slots
+    got = programs.judge(batch.params, j.targets, devs.shard(np.stack(outs).astype(np.float32)),
+                         obj=j.obj, shape=j.shape)
+    got = {k: devs.host(v) for k, v in got.items()}
+    return [{k: float(got[k][i]) for k in sink.judge_names} for i, sink in enumerate(sinks)]
+
+
 def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: Timing,
              should_stop: Callable[[], bool] | None = None) -> StageResult:
     """Runs ``batch`` from step ``batch.start`` to ``batch.steps`` in chunks; see the module doc.
@@ -135,6 +159,8 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
     stopped: list[tuple[int, dict, np.ndarray] | None] = [None] * k
     bar = _Progress(total, timing.progress, initial=step)
     first_s, interrupted, deferred = None, False, False
+    judged: dict[int, list[dict]] = {}  # step -> every point's judge metrics, until logged
+    judge_every = batch.judge.every if batch.judge is not None else 0
     every, t_prev = timing.checkpoint_every, time.time()
 
     def host_states():
@@ -169,7 +195,8 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
                     s = step + i
                     rec = {t: float(terms_h[t][j, i]) for t in sink.term_names}
                     if s % timing.log_every == 0 and sink.log is not None:
-                        sink.log({"step": s, **rec, "elapsed_s": t_prev - timing.t_start,
+                        extra = {f"judge_{m}": v for m, v in judged.get(s, [{}] * k)[j].items()}
+                        sink.log({"step": s, **rec, **extra, "elapsed_s": t_prev - timing.t_start,
                                   "steps_per_s": rate})
                     if timing.print_every and s % timing.print_every == 0:
                         bar.write(print_line(s, rec, sink.label))
@@ -181,6 +208,10 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
             bar.update(n, min((float(terms_h["loss"][j, n - 1]) for j in running), default=math.nan), rate)
             if not running:
                 break
+            judged.pop(before, None)
+            if judge_every and step % judge_every == 0 and step < total:
+                x_h = devs.host(x) if x_h is None else x_h
+                judged[step] = _judge(programs, batch, sinks, x_h)
             if timing.save_every and step % timing.save_every == 0 and step < total:
                 x_h = devs.host(x) if x_h is None else x_h
                 for j in running:
@@ -198,21 +229,23 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
         final = {t: devs.host(v) for t, v in programs.evaluate(
             batch.params, batch.targets, batch.weights, x, obj=batch.obj).items()}
     x_h, s_h = host_states()
+    scores = _judge(programs, batch, sinks, x_h) if final is not None and batch.judge else [None] * k
     out = []
     for j, sink in enumerate(sinks):
         terms = None if final is None else {t: float(final[t][j]) for t in sink.term_names}
         if stopped[j] is not None:
             s, bad, image = stopped[j]  # the image kept is the one whose evaluation was bad
             out.append(PointResult(sink.output(image), RunState(s, image, _slot(s_h, j), batch.rngs[j]),
-                                   s, terms or bad, bad))
+                                   s, terms or bad, bad, scores[j]))
             continue
         if terms is not None and sink.log is not None:
-            sink.log({"step": step, **terms, "elapsed_s": time.time() - timing.t_start,
+            extra = {f"judge_{m}": v for m, v in (scores[j] or {}).items()}
+            sink.log({"step": step, **terms, **extra, "elapsed_s": time.time() - timing.t_start,
                       "steps_per_s": None})
         if terms is not None and timing.print_every and step % timing.print_every == 0:
             print(print_line(step, terms, sink.label), flush=True)
         out.append(PointResult(sink.output(x_h[j]), RunState(step, x_h[j], _slot(s_h, j), batch.rngs[j]),
-                               step, terms, None))
+                               step, terms, None, scores[j]))
     if deferred:
         checkpoint_all()
     return StageResult(out, interrupted, first_s)

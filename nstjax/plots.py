@@ -210,3 +210,37 @@ def _colour(i: int, n: int):
     from matplotlib import colormaps
 
     return colormaps["viridis"](i / max(1, n - 1))
+
+
+def save_judge(path: str | os.PathLike, metrics: Sequence[str], x_label: str, x_values: Sequence[str],
+               series: Sequence[tuple[str, Sequence[dict | None]]], title: str = "") -> None:
+    """One panel per judge metric: its value at each of ``x_values`` (the first swept field's
+    values, as categories), one line per ``series`` (label, one judge dict or None per x value;
+    a series per combination of the other swept fields). Log scale where every value is positive."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    legend = 1 < len(series) <= 24
+    fig = Figure(figsize=(4.2 * len(metrics) + (3 if legend else 0), 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    xs = list(range(len(x_values)))
+    for m, name in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), m + 1)
+        values = []
+        for i, (label, judged) in enumerate(series):
+            ys = [float(d[name]) if d and d.get(name) is not None else math.nan for d in judged]
+            values += [y for y in ys if math.isfinite(y)]
+            ax.plot(xs, ys, marker="o", linewidth=1.4, label=label, color=_colour(i, len(series)))
+        if values and min(values) > 0:
+            ax.set_yscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(x_values, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel(x_label)
+        ax.set_title(f"judge_{name}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if legend:
+        fig.axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    fig.tight_layout()
+    _atomic_save(Path(path), lambda f: fig.savefig(f, format="png"))

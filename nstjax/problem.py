@@ -22,6 +22,8 @@ import numpy as np
 from nstjax import color, images, masks, memory, multiscale, vgg
 from nstjax.config import RunSpec, chunk_length
 from nstjax.errors import UserError
+from nstjax.judge import color_quantiles as judge_color_quantiles
+from nstjax.judge import objective as judge_objective
 from nstjax.losses import Objective, compute_targets, objective_weights
 from nstjax.optimize import INITS, init_image
 from nstjax.weights import WeightsInfo, load_vgg19_with_info
@@ -161,6 +163,48 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
                    inputs=inputs,
                    original_content=original if spec.preserve_color == "luminance" else None,
                    objective=obj)
+
+
+def judge_shape(spec: RunSpec) -> tuple[int, int]:
+    """(H, W) the judge scores ``spec``'s result at: its output's shape fitted to ``judge.size``
+    (the same for every point of a batch, whose outputs share a shape)."""
+    h, w = output_shape(spec)
+    jw, jh = images.fit_size(w, h, spec.judge.size)
+    return jh, jw
+
+
+def load_judge(spec: RunSpec, params, cache: dict | None = None) -> dict:
+    """The judge's targets for ``spec``'s images at :func:`judge_shape`: its objective's content
+    activations and style Grams (blend and masks as the run has them; colours as given, not as
+    ``preserve_color`` prepares them) and the pixel quantile functions of the style mixture and of
+    the photo (nstjax/judge.py)."""
+    judge = spec.judge
+    ch, cw = judge_shape(spec)
+    js = dataclasses.replace(spec, size=judge.size, preserve_color="none", scales=(), scale_steps=(),
+                             init="content")
+    obj = judge_objective(spec.objective.regions)
+    key = ("judge", (ch, cw), obj, spec.content, spec.styles, spec.style_blend, spec.style_scale,
+           spec.style_resize, spec.content_masks, spec.style_masks)
+    if cache is not None and key in cache:
+        return cache[key]
+    content = images.to_array(images.load_pil(js.content), (cw, ch))
+    styles = []
+    for path in js.styles:
+        pil = images.load_pil(path)
+        styles.append(images.to_array(pil, style_size(pil.width, pil.height, (cw, ch), js)))
+    content_masks = [masks.load_mask(p, (cw, ch)) for p in js.content_masks] or None
+    style_masks = [masks.load_mask(p, (s.shape[1], s.shape[0]))
+                   for p, s in zip(js.style_masks, styles)] or None
+    targets = compute_targets(params, obj, content, styles, js.style_blend or None,
+                              content_masks=content_masks, style_masks=style_masks)
+    blend = list(js.style_blend) if js.style_blend and not obj.regions else [1.0] * len(styles)
+    fractions = [b / sum(blend) for b in blend]
+    targets = jax.tree.map(np.asarray, targets)
+    targets["color_style"] = judge_color_quantiles(styles, fractions, ch * cw)
+    targets["color_content"] = judge_color_quantiles([content], [1.0], ch * cw)
+    if cache is not None:
+        cache[key] = targets
+    return targets
 
 
 def initial_image(spec: RunSpec, content: np.ndarray, styles: list[np.ndarray]) -> jax.Array:

@@ -9,7 +9,8 @@ holds the three compiled functions of a batch:
 - ``steps``: :func:`nstjax.optimize.batched_steps`, a chunk of optimiser steps, with the optimiser
   state donated (L-BFGS updates its history in place instead of copying it each chunk);
 - ``init``: the optimiser states of a batch of images;
-- ``evaluate``: every loss term of a batch of images.
+- ``evaluate``: every loss term of a batch of images;
+- ``judge``: the fixed reference metrics of a batch of results (nstjax/judge.py).
 
 Each is jitted with the point axis split over the mesh and the params replicated; explicit output
 shardings keep every chunk's outputs laid out like its inputs, so all chunks of a batch hit one
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nstjax import aot, optimize
+from nstjax import aot, judge, optimize
 from nstjax.optimize import unaliased as _unaliased
 from nstjax.losses import Objective
 from nstjax.optimize import OptimizerSpec
@@ -101,9 +102,14 @@ class Programs:
     def evaluate(self, params, targets, weights, images, *, obj: Objective) -> dict:
         return _jitted(self.devices.mesh, "evaluate", (("obj", obj),))(params, targets, weights, images)
 
+    def judge(self, params, targets, images, *, obj: Objective, shape: tuple[int, int]) -> dict:
+        """The judge's metrics of every point's result (nstjax/judge.py)."""
+        return _jitted(self.devices.mesh, "judge", (("obj", obj), ("shape", tuple(shape))))(
+            params, targets, images)
+
 
 _CORE = {"steps": (optimize.batched_steps, 5, (4,)), "init": (optimize.batched_init, 1, ()),
-         "evaluate": (optimize.batched_evaluate, 4, ())}
+         "evaluate": (optimize.batched_evaluate, 4, ()), "judge": (judge.batched_score, 3, ())}
 
 
 @functools.lru_cache(maxsize=64)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nstjax import images, records, vgg
 from nstjax.sweep import Point, Sweep, short_field, value_label
+from nstjax.judge import METRICS as JUDGE_METRICS
 from nstjax.workdir import POINTS_DIR, is_done, sweep_config_record
 
 
@@ -69,7 +70,8 @@ def term_column(term: str) -> str:
 def summary_csv(sweep: Sweep, rows: list[dict]) -> str:
     """summary.csv: ``index, dir``, the swept fields, ``status, steps_done``, the terms (``loss``,
     ``content_loss``, ``style_loss``, ``tv_loss``, ``hist_loss``, then the per-layer terms, see
-    :func:`term_column`), ``seconds, batch``. No two columns share a name."""
+    :func:`term_column`), the judge's metrics (``judge_style``, ``judge_content``, ``judge_color``,
+    ``judge_color_content``: nstjax/judge.py), ``seconds, batch``. No two columns share a name."""
     terms: list[str] = []
     for r in rows:
         for t in r["manifest"].get("final", {}):
@@ -78,8 +80,10 @@ def summary_csv(sweep: Sweep, rows: list[dict]) -> str:
     main = [t for t in ("loss", "content", "style", "tv", "hist") if t in terms]
     layer_terms = sorted((t for t in terms if t not in main),
                          key=lambda t: (t.split("/")[0], vgg.LAYER_INDEX.get(t.partition("/")[2], 99)))
+    judged = [m for m in JUDGE_METRICS if any(m in (r["manifest"].get("judge") or {}) for r in rows)]
     header = ["index", "dir", *sweep.fields, "status", "steps_done",
-              *(term_column(t) for t in main + layer_terms), "seconds", "batch"]
+              *(term_column(t) for t in main + layer_terms), *(f"judge_{m}" for m in judged),
+              "seconds", "batch"]
     assert len(set(header)) == len(header), header  # the naming scheme above makes this hold
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -93,6 +97,7 @@ def summary_csv(sweep: Sweep, rows: list[dict]) -> str:
             cells.append("+".join(map(str, v)) if isinstance(v, tuple) else v)
         cells += [m.get("status"), m.get("steps")]
         cells += [final.get(t, "") for t in main + layer_terms]
+        cells += [(m.get("judge") or {}).get(j, "") for j in judged]
         cells += [round(float(m.get("timing", {}).get("wall_s", math.nan)), 3),
                   m.get("sweep", {}).get("batch", "")]
         w.writerow(cells)
@@ -110,17 +115,21 @@ def write_outputs(workdir: Path, sweep: Sweep, figures: bool = True) -> list[int
     if not figures or not rows:
         return stopped
     row_f, col_f = sweep.grid
+    in_grid = bool(sweep.points[0].config.judge.in_grid) if "judge" in sweep.points[0].config else False
     cells = []
     for r in rows:
         p, m = r["point"], r["manifest"]
         loss = m.get("final", {}).get("loss")
         status = m.get("status", "")
+        judge = m.get("judge") or {}
         caption = f"#{p.index}  loss {float(loss):.3g}" if status == "finished" and loss is not None \
             else f"#{p.index}  stopped at step {m.get('steps')}"
         others = [f for f in sweep.fields if f not in (row_f, col_f)]
         row_label = ", ".join(([value_label(p.values[row_f])] if row_f else [])
                               + [f"{short_field(f)}={value_label(p.values[f])}" for f in others])
         col_label = value_label(p.values[col_f]) if col_f else ""
+        if in_grid and judge:  # the fixed judge's numbers, comparable across the cells
+            caption += f"  S {judge['style']:.3g} C {judge['content']:.3g} col {judge['color']:.3g}"
         cells.append(plots.Cell(row_label, col_label, images.to_uint8(images.load_image(r["final_png"])),
                                 caption, status == "finished"))
     others = [short_field(f) for f in sweep.fields if f not in (row_f, col_f)]
@@ -128,9 +137,34 @@ def write_outputs(workdir: Path, sweep: Sweep, figures: bool = True) -> list[int
     plots.save_grid(workdir / "grid.png", cells, row_title=row_title,
                     col_title=short_field(col_f) if col_f else "",
                     title=f"{workdir.name}: {len(sweep.points)} points")
+    save_judge_plot(workdir / "judge.png", sweep, rows)
     plots.save_loss_curves(workdir / "loss_curves.png",
                            [(r["point"].label or r["point"].name, r["curve"]) for r in rows],
                            title=f"{workdir.name}: loss of every point")
     return stopped
 
 
+
+
+def save_judge_plot(path: Path, sweep: Sweep, rows: list[dict]) -> None:
+    """judge.png: each judge metric along the first swept field, one line per combination of the
+    other swept fields (nothing when no point was judged)."""
+    from nstjax import plots
+
+    judged = [r for r in rows if r["manifest"].get("judge")]
+    if not judged or not sweep.fields:
+        return
+    metrics = [m for m in JUDGE_METRICS if any(m in r["manifest"]["judge"] for r in judged)]
+    x_field, others = sweep.fields[0], sweep.fields[1:]
+    xs: list = []
+    series: dict[str, dict] = {}
+    for r in judged:
+        p = r["point"]
+        x = value_label(p.values[x_field])
+        if x not in xs:
+            xs.append(x)
+        label = ", ".join(f"{short_field(f)}={value_label(p.values[f])}" for f in others) or "all"
+        series.setdefault(label, {})[x] = r["manifest"]["judge"]
+    plots.save_judge(path, metrics, short_field(x_field), xs,
+                     [(label, [by_x.get(x) for x in xs]) for label, by_x in series.items()],
+                     title=f"{path.parent.name}: the judge's metrics (lower is closer)")

@@ -32,8 +32,10 @@ OUTPUT_FILES = ("config.json", "metrics.jsonl", "final.png", "manifest.json")
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".nstjax.lock"
 # Config fields that do not change a run's result: a run may be resumed with other values of these.
+# (The judge scores a result without changing it; judge.every changes the chunk length, which the
+# checkpoints' fingerprint holds apart.)
 RESULT_NEUTRAL_FIELDS = ("progress", "checkpoint_every", "checkpoint_keep", "print_every", "output",
-                         "output_bits")
+                         "output_bits", "judge")
 SWEEP_FILES = ("sweep.json", "summary.csv", "grid.png", "loss_curves.png")
 POINTS_DIR = "points"
 
