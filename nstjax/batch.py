@@ -415,9 +415,9 @@ def stage_inputs(programs: Programs, params_on_devices, problems: list[Problem],
     devs, spec = programs.devices, problems[0].spec
     imgs = [np.asarray(st.image if restored else pr.image) for st, pr in
             zip(restored or problems, problems)]
-    x = devs.shard(np.stack(_padded(imgs, slots)))
+    x = devs.shard(np.stack(_padded(imgs, slots)), imgs[0].shape)
     if restored:
-        states = devs.shard(_stack(_padded([st.opt_state for st in restored], slots)))
+        states = devs.shard(_stack(_padded([st.opt_state for st in restored], slots)), imgs[0].shape)
     else:
         states = programs.init(x, spec=spec.optimizer)
     return StageInputs(

@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The optimised image's VGG convolutions in "float32" or "bfloat16" (fast on accelerators with
     # bf16 units; targets, Grams and losses stay float32). docs/performance.md measures the effect.
     c.compute_dtype = "float32"
+    # Devices each image's rows are split over (spatial partitioning; nstjax/programs.py): for
+    # outputs larger than one accelerator holds. 0 = 1, or as many as the memory estimate needs.
+    c.devices_per_image = 0
     # Outputs.
     c.log_every = 10  # steps between metrics.jsonl lines (and progress bar updates)
     c.save_every = 0  # steps between intermediate images in images/; 0 = none
@@ -142,6 +145,7 @@ class RunSpec:
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
     judge: JudgeSpec | None = None  # None: no judge
+    devices_per_image: int = 0  # devices each image's rows are split over; 0 = as memory needs
     hist_weight: float = 0.0
     hist_layer_weights: tuple[float, ...] = ()
     preserve_color: str = "none"
@@ -325,7 +329,8 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     )
     _validate_output(cfg)
     _int(cfg, "print_every", 0)
-    run_spec = dataclasses.replace(run_spec, judge=validate_judge(cfg, run_spec.log_every))
+    run_spec = dataclasses.replace(run_spec, judge=validate_judge(cfg, run_spec.log_every),
+                                   devices_per_image=_int(cfg, "devices_per_image", 0, 4096))
     return _validate_extensions(cfg, run_spec)
 
 

@@ -245,23 +245,38 @@ def format_bytes(n: float) -> str:
     return f"{n / 1e3:.0f} kB"
 
 
+def per_device(need: float, devices: int, platform: str) -> float:
+    """What each of ``devices`` holds of a run needing ``need`` bytes on one, its image's rows split
+    over them: the fixed base on each, the rest shared (the halo rows they exchange are a few rows
+    per layer, left out)."""
+    base = base_bytes(platform)
+    return base + max(0.0, need - base) / max(1, devices)
+
+
 def check_fits(height: int, width: int, layers: Sequence[str], optimizer: str = "lbfgs", *,
                memory_size: int = 10, chunk_steps: int = 10,
-               style_shapes: Sequence[tuple[int, int]] = (), style_scale: float = 1.0) -> None:
+               style_shapes: Sequence[tuple[int, int]] = (), style_scale: float = 1.0,
+               devices: int = 1) -> None:
     """Raises a one-line :class:`UserError` naming the largest size that fits when a run of these
-    sizes would not fit in memory. Skipped when ``NSTJAX_MEMORY_CHECK=0``."""
+    sizes would not fit in memory (with its rows split over ``devices``: each holds its share, and
+    on a CPU the devices share the host's memory). Skipped when ``NSTJAX_MEMORY_CHECK=0``."""
     if not records.env_switch("NSTJAX_MEMORY_CHECK"):
         return
     available, platform = available_bytes()
     if available is None:
         return
+    if platform == "cpu":  # forced host devices share one process and the host's memory
+        devices = 1
     kw = dict(optimizer=optimizer, memory_size=memory_size, chunk_steps=chunk_steps, platform=platform)
-    need = estimate_bytes(height, width, layers, style_shapes=style_shapes, **kw)
+    need = per_device(estimate_bytes(height, width, layers, style_shapes=style_shapes, **kw), devices,
+                      platform)
     if need <= available:
         return
-    best = largest_size_that_fits(width / height, layers, available, style_scale=style_scale,
+    budget = base_bytes(platform) + (available - base_bytes(platform)) * devices
+    best = largest_size_that_fits(width / height, layers, budget, style_scale=style_scale,
                                   n_styles=len(style_shapes), **kw)
-    where = "this machine" if platform == "cpu" else "the accelerator"
+    where = "this machine" if platform == "cpu" else (
+        "the accelerator" if devices == 1 else f"each of the {devices} accelerators")
     if need - base_bytes(platform) <= compile_bytes(layers, chunk_steps):  # the compiler is what does not fit
         advice = f"compiling {chunk_steps} unrolled steps is what needs it; lower --config.chunk"
     else:

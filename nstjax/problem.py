@@ -100,6 +100,32 @@ def check_problem(spec: RunSpec) -> None:
     _open_inputs(spec)
 
 
+def plan_rows(spec: RunSpec, n_devices: int, log=None) -> RunSpec:
+    """``spec`` with ``devices_per_image`` resolved: as given, or (0, the default) the fewest of
+    ``n_devices`` whose share of the run fits each device's memory (1 when one device holds it;
+    ``log`` says when it splits). Raises the memory check's one-line refusal, for the most devices
+    there are, when none fits."""
+    if spec.devices_per_image > n_devices:
+        raise UserError(f"devices_per_image={spec.devices_per_image} but there are only {n_devices} "
+                        "devices")
+    candidates = ([spec.devices_per_image] if spec.devices_per_image else
+                  [n for n in range(1, n_devices + 1) if n_devices % n == 0])
+    for i, n in enumerate(candidates):
+        planned = dataclasses.replace(spec, devices_per_image=n)
+        try:
+            check_problem(planned)
+        except UserError:
+            if i == len(candidates) - 1:
+                raise
+            continue
+        if n > 1 and not spec.devices_per_image and log is not None:
+            h, w = output_shape(spec)
+            log(f"a {w}x{h} output does not fit one device's memory: splitting its rows over {n} "
+                "devices (devices_per_image)")
+        return planned
+    raise AssertionError("unreachable")
+
+
 def _open_inputs(spec: RunSpec):
     obj = spec.objective
     content_pil = images.load_pil(spec.content)
@@ -112,7 +138,8 @@ def _open_inputs(spec: RunSpec):
     # Before anything big is allocated: refuse a run that cannot fit, naming a size that does.
     memory.check_fits(ch, cw, obj.layers, spec.optimizer.name, memory_size=spec.optimizer.memory_size,
                       chunk_steps=min(chunk_length(spec), max(spec.steps, 1)),
-                      style_shapes=[(sh, sw) for sw, sh in style_sizes], style_scale=spec.style_scale)
+                      style_shapes=[(sh, sw) for sw, sh in style_sizes], style_scale=spec.style_scale,
+                      devices=max(1, spec.devices_per_image))
     return content_pil, (cw, ch), style_pils, style_sizes
 
 

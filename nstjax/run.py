@@ -34,6 +34,7 @@ same compiled programs on the same inputs. Everything else that holds outputs is
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -52,7 +53,7 @@ from nstjax.batch import Context, Job, run_batch
 from nstjax.config import validate
 from nstjax.errors import RunInterrupted, UserError
 from nstjax.output import check_output
-from nstjax.problem import check_problem, union_objective
+from nstjax.problem import plan_rows, union_objective
 from nstjax.programs import Devices, Programs
 from nstjax.sweep import NonFinitePoints, describe, expand, is_sweep, plan, ranges
 from nstjax.sweep_files import point_dir, sweep_record, write_outputs
@@ -158,12 +159,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
         try:
             with workdir_lock(workdir):
                 plan_ = inspect_workdir(workdir, cfg, overwrite)
-                check_problem(multiscale.stages(spec)[-1])  # the largest stage must fit
+                # The largest stage must fit, its rows split over devices if one does not hold it.
+                planned = plan_rows(multiscale.stages(spec)[-1], len(jax.local_devices()), log)
+                spec = dataclasses.replace(spec, devices_per_image=planned.devices_per_image)
                 if params is None:
                     params, weights_info = load_vgg19_with_info(str(cfg.weights_path) or None)
                 if plan_ == "overwrite":
                     clear_run(workdir)
-                ctx = Context(Programs(Devices(jax.local_devices()[:1])), params, weights_info, log,
+                rows = spec.devices_per_image
+                ctx = Context(Programs(Devices(jax.local_devices()[:rows], rows)), params, weights_info, log,
                               progress=bool(cfg.progress), should_stop=stop, t_start=t_start)
                 result = run_batch([Job(cfg, spec, workdir, resume=plan_ == "resume")], ctx, objective,
                                    slots)
@@ -265,7 +269,11 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, ove
 
 def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, write_figures, devices,
                stop, t_start) -> dict:
-    devs = Devices(devices)
+    rows = {max(1, p.spec.devices_per_image) for p in sweep.points}
+    if len(rows) > 1:
+        raise UserError("devices_per_image cannot differ between the points of a sweep (it shapes the "
+                        "device mesh)")
+    devs = Devices(devices, rows.pop())
     writer = jax.process_index() == 0
     if writer:
         prepare_sweep_dir(workdir, [p.config for p in sweep.points], overwrite)
@@ -274,7 +282,7 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
     skipped = [p.index for p in sweep.points if done_mask[p.index]]
     todo = [p for p in sweep.points if not done_mask[p.index]]
     budget, shared, _ = memory.budget(sweep.memory_gb)
-    batches = plan(sweep, todo, devs.count, budget, shared)
+    batches = plan(sweep, todo, devs.slots, budget, shared, rows=devs.rows)
 
     record = sweep_record(sweep, devs.count, jax.process_count())
     if writer and (workdir / "sweep.json").exists():
@@ -350,7 +358,9 @@ def sweep_main(cfg: ml_collections.ConfigDict, workdir: str | None, *, overwrite
         done = [p.index for p in sweep.points if workdir and is_done(point_dir(Path(workdir), p))]
         budget, shared, _ = memory.budget(sweep.memory_gb)
         devs = jax.devices()
-        batches = plan(sweep, [p for p in sweep.points if p.index not in done], len(devs), budget, shared)
+        rows = max(1, sweep.points[0].spec.devices_per_image)
+        batches = plan(sweep, [p for p in sweep.points if p.index not in done], len(devs) // rows, budget,
+                       shared, rows=rows)
         print(describe(sweep, batches, done, len(devs), devs[0].platform))
         return 0
     if not workdir:

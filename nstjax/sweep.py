@@ -403,10 +403,11 @@ class Batch:
 
 
 def plan(sweep: Sweep, points: Sequence[Point], n_devices: int, budget: float | None = None,
-         shared: float = 0.0) -> list[Batch]:
+         shared: float = 0.0, rows: int = 1) -> list[Batch]:
     """Groups ``points`` into batches by :func:`batch_key` and sizes their chunks with the memory
-    model (:func:`nstjax.memory.point_bytes`); ``budget`` is bytes per device, ``shared`` what a
-    device holds whatever the batch size."""
+    model (:func:`nstjax.memory.point_bytes`); ``n_devices`` is the point slots side by side (the
+    devices, over ``rows`` devices per image), ``budget`` bytes per device, ``shared`` what a device
+    holds whatever the batch size."""
     groups: dict[str, list[Point]] = {}
     shapes: dict[str, list] = {}
     for p in points:
@@ -423,7 +424,7 @@ def plan(sweep: Sweep, points: Sequence[Point], n_devices: int, budget: float | 
         spec = pts[0].spec
         per = memory.point_bytes(*shape, obj.layers, spec.optimizer.name,
                                  memory_size=spec.optimizer.memory_size,
-                                 chunk_steps=min(chunk_length(spec), max(spec.steps, 1)))
+                                 chunk_steps=min(chunk_length(spec), max(spec.steps, 1))) / rows
         size, n, why = plan_chunks(len(pts), n_devices, per, budget, sweep.max_batch, shared)
         out.append(Batch(i, pts, obj, shape, size, n, int(per), why))
     return out
