@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.style_weight = 5e2  # beta
     c.tv_weight = 0.0
     c.tv_kind = "l2"  # "l2" (squared differences) or "l1"
+    # jcjohnson/neural-style's -normalize_gradients: each term's gradient with respect to its
+    # layer's activations (the image, for TV) divided by its L1 norm before it is weighted, so the
+    # weights are the terms' relative strengths. Traced: a sweep over it is one compiled program.
+    c.normalize_gradients = False
     c.content_norm = "mean"  # "paper": 1/2 sum of squares; "mean": mean square
     # "paper": 1/(4 N^2 M^2) sum (G - A)^2; "mean": Grams per position (pastiche); "chw": Grams per
     # position and channel (jcjohnson), i.e. "mean" / N^2, which evens out the layers' scales.
@@ -152,6 +156,7 @@ class RunSpec:
     color_space: str = "yiq"
     content_masks: tuple[str, ...] = ()
     style_masks: tuple[str, ...] = ()
+    normalize_gradients: bool = False
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # weights become float32 in the compiled loss
@@ -314,6 +319,9 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         raise ConfigError("config.content is empty: name a content image")
     if not isinstance(cfg.progress, bool):
         raise ConfigError(f"progress must be True or False, not {cfg.progress!r}")
+    if not isinstance(cfg.normalize_gradients, bool):
+        raise ConfigError("normalize_gradients must be True or False, not "
+                          f"{cfg.normalize_gradients!r}")
     run_spec = RunSpec(
         objective=obj, optimizer=spec, content=content, styles=styles, style_blend=blend,
         size=_int(cfg, "size", 0, MAX_SIZE),
@@ -326,6 +334,7 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         log_every=_int(cfg, "log_every", 1), save_every=_int(cfg, "save_every", 0),
         chunk=_int(cfg, "chunk", 1, MAX_CHUNK),
         checkpoint_every=_int(cfg, "checkpoint_every", 0), checkpoint_keep=_int(cfg, "checkpoint_keep", 1),
+        normalize_gradients=cfg.normalize_gradients,
     )
     _validate_output(cfg)
     _int(cfg, "print_every", 0)

@@ -24,6 +24,11 @@ Beyond the 2015 paper (all static choices are fields of :class:`Objective`, all 
   ``hist_weight`` and per-layer ``hist_layers`` weights, see :mod:`nstjax.histogram`.
 - ``Objective.regions``: the number of masked regions (Gatys et al. 2017), each with its own style
   image and guided statistics, see :mod:`nstjax.masks`; 0 = the whole image, as in 2015.
+- ``weights["normalize_gradients"]`` (traced, 0 or 1): jcjohnson/neural-style's
+  ``-normalize_gradients``: each term's gradient with respect to its input (its layer's
+  activations; the image for total variation) is divided by its L1 norm (+ 1e-8) before it is
+  weighted, so the weighted term's gradient there has L1 norm equal to the term's weight
+  (:func:`normalize_gradient`). The loss values are unchanged: only the backward pass differs.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from nstjax import histogram, masks, stats, vgg
+from nstjax import histogram, lbfgs, masks, stats, vgg
 from nstjax.errors import ConfigError
 
 CONTENT_NORMS = ("paper", "mean")
@@ -145,6 +150,63 @@ def tv_loss(image: jax.Array, kind: str = "l2") -> jax.Array:
     raise ConfigError(f"tv_kind must be one of {TV_KINDS}, not {kind!r}")
 
 
+@jax.custom_vjp
+def normalize_gradient(x: jax.Array, on: jax.Array, weight: jax.Array) -> jax.Array:
+    """``x`` itself; in the backward pass, where ``on`` is nonzero, the cotangent ``g`` reaching
+    ``x`` is rescaled to ``g / (|g|_1 / |weight| + 1e-8)``: for a term ``weight * E(x)`` (``g =
+    weight * dE/dx``) that is ``weight * dE/dx / (|dE/dx|_1 + 1e-8)``, jcjohnson/neural-style's
+    normalised gradient times the term's strength, with L1 norm ``|weight|``.
+
+    ``on`` and ``weight`` are traced scalars, so switching the normalisation on or off (or a sweep
+    over it) does not change the compiled program. Where ``on`` is 0 the cotangent is passed on
+    times 1, exactly. Each term must go through its own call: a cotangent summed over several terms
+    would be normalised as one. Under :func:`jax.vmap` the norm is per example (custom VJPs are
+    batched rule by rule). ``on`` and ``weight`` get zero cotangents from here (the term's own
+    ``weight *`` outside still differentiates in ``weight``)."""
+    del on, weight
+    return x
+
+
+def _normalize_gradient_fwd(x, on, weight):
+    return x, (on, weight)
+
+
+def _normalize_gradient_bwd(res, g):
+    on, weight = res
+    # |g|_1 / |weight| is |dE/dx|_1 without dividing the whole array by the weight first. A zero
+    # weight has g = 0, for which any finite scale will do: divide by 1 instead of 0.
+    w = jnp.abs(weight)
+    unweighted_norm = _l1_norm(g) / jnp.where(w > 0, w, 1.0)
+    scale = jnp.where(on != 0, 1.0 / (unweighted_norm + 1e-8), 1.0).astype(g.dtype)
+    return g * scale, jnp.zeros_like(on), jnp.zeros_like(weight)
+
+
+normalize_gradient.defvjp(_normalize_gradient_fwd, _normalize_gradient_bwd)
+
+
+def _l1_norm(g: jax.Array) -> jax.Array:
+    """sum |g| over an array (..., C) in an order that does not depend on batching: XLA:CPU orders
+    a batched full reduce otherwise than an unbatched one, and L-BFGS grows that last bit into
+    visible differences between a sweep's point and the same run alone (see
+    :func:`nstjax.lbfgs.pairwise_sum`).
+
+    Each position's channels are summed by a row reduce (the same per row, batched or not), then
+    the positions by ``pairwise_sum``. ``pairwise_sum`` of all of ``g`` would pad it to a power of
+    two, a copy larger than ``g`` itself (256 MB for relu1_1's 192 MB gradient at 1024x768; this
+    way the backward pass gains 3 MB of temporaries there, on XLA:CPU)."""
+    a = jnp.abs(g).astype(jnp.float32)
+    rows = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+    return lbfgs.pairwise_sum(jnp.sum(rows, axis=-1))
+
+
+def _normalized(x: jax.Array, weights: Mapping, weight: jax.Array) -> jax.Array:
+    """``x`` through :func:`normalize_gradient` under ``weights["normalize_gradients"]``; a
+    weights dict without that key (made by hand) leaves ``x`` alone."""
+    if "normalize_gradients" not in weights:
+        return x
+    return normalize_gradient(x, weights["normalize_gradients"], weight)
+
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -203,10 +265,12 @@ def objective_weights(obj: Objective, content_weight, style_weight, tv_weight,
                       content_layer_weights: Mapping[str, float] | Sequence[float] | None = None,
                       style_layer_weights: Mapping[str, float] | Sequence[float] | None = None,
                       hist_weight=0.0,
-                      hist_layer_weights: Mapping[str, float] | Sequence[float] | None = None) -> dict:
+                      hist_layer_weights: Mapping[str, float] | Sequence[float] | None = None,
+                      normalize_gradients: bool = False) -> dict:
     """The traced weights of an objective. Layer weights default to 1 (content) and 1/L (style,
     histogram). ``hist_weight`` and ``hist_layers`` are present only when the objective has
-    histogram layers."""
+    histogram layers. ``normalize_gradients`` is a traced 0.0 or 1.0 (see
+    :func:`normalize_gradient`), so runs with and without it share a compiled program."""
 
     def per_layer(layers, given, default):
         if given is None or len(given) == 0:
@@ -224,6 +288,7 @@ def objective_weights(obj: Objective, content_weight, style_weight, tv_weight,
         "content_weight": jnp.float32(content_weight),
         "style_weight": jnp.float32(style_weight),
         "tv_weight": jnp.float32(tv_weight),
+        "normalize_gradients": jnp.float32(1.0 if normalize_gradients else 0.0),
         "content_layers": per_layer(obj.content_layers, content_layer_weights, 1.0),
         "style_layers": per_layer(obj.style_layers, style_layer_weights,
                                   1.0 / max(len(obj.style_layers), 1)),
@@ -389,52 +454,83 @@ def _style_layer_loss(f: jax.Array, target, obj: Objective, w: jax.Array | None)
     return stats.w2_loss(f, w, target)
 
 
+def content_term(f: jax.Array, layer: str, targets, weights, obj: Objective) -> jax.Array:
+    """The weighted content term of ``layer`` from its activations ``f`` ((H, W, C), or with a
+    leading axis of 1), its gradient normalised under ``weights["normalize_gradients"]``."""
+    w = weights["content_weight"] * weights["content_layers"][layer]
+    f = _normalized(f, weights, w)
+    return w * content_loss(f, targets["content"][layer], obj.content_norm)
+
+
+def style_term(f: jax.Array, layer: str, targets, weights, obj: Objective) -> jax.Array:
+    """The weighted style term of ``layer`` from its activations ``f``. With masked regions, the
+    sum over the regions of their guided losses, each normalised by its region's area (and the
+    gradient normalised once, over the layer's whole term, as one loss module's)."""
+    w = weights["style_weight"] * weights["style_layers"][layer]
+    f = _flat(_normalized(f, weights, w))
+    if obj.regions:
+        e = jnp.float32(0.0)
+        for k in range(obj.regions):
+            mask = targets["masks"][layer][k]
+            target_k = jax.tree.map(lambda a: a[k], targets["style"][layer])
+            e_k = _style_layer_loss(f, target_k, obj, masks.region_weights(mask))
+            e = e + jnp.where(masks.region_area(mask) > 0, e_k, 0.0)
+    else:
+        e = _style_layer_loss(f, targets["style"][layer], obj, None)
+    return w * e
+
+
+def hist_term(f: jax.Array, layer: str, targets, weights, obj: Objective) -> jax.Array:
+    """The weighted histogram term of ``layer`` from its activations ``f``."""
+    w = weights["hist_weight"] * weights["hist_layers"][layer]
+    f = _flat(_normalized(f, weights, w))
+    if obj.regions:
+        e = jnp.float32(0.0)
+        for k in range(obj.regions):
+            inside = targets["masks"][layer][k].reshape(-1) >= 0.5
+            e = e + histogram.histogram_loss(f, targets["hist"][layer][k], inside)
+    else:
+        e = histogram.histogram_loss(f, targets["hist"][layer])
+    return w * e
+
+
+def tv_term(image: jax.Array, weights, obj: Objective) -> jax.Array:
+    """The weighted total-variation term of ``image``. Its input is the image, so under
+    ``normalize_gradients`` its gradient with respect to the image has L1 norm ``tv_weight``
+    (jcjohnson/neural-style leaves its TV gradient unnormalised; here every term is treated alike,
+    so every weight is a relative strength)."""
+    w = weights["tv_weight"]
+    return w * tv_loss(_normalized(image, weights, w), obj.tv_kind)
+
+
 def loss_terms(params, image, targets, weights, obj: Objective) -> dict:
     """All loss terms of ``image`` (H, W, 3): weighted, so ``loss = content + style + tv``
     (``+ hist`` with histogram layers).
 
     Keys: ``loss, content, style, tv, content/<layer>, style/<layer>`` (and ``hist, hist/<layer>``).
     With masked regions, a layer's style (and histogram) term is the sum over the regions of their
-    guided losses, each normalised by its region's area.
+    guided losses, each normalised by its region's area. Each term is one of :func:`content_term`,
+    :func:`style_term`, :func:`hist_term`, :func:`tv_term` of the layer's activations.
     """
     feats = vgg.apply_features(params, image[None], obj.layers, obj.pooling, obj.precision,
                                 obj.compute_dtype)
     terms = {}
     content = jnp.float32(0.0)
     for l in obj.content_layers:
-        t = weights["content_weight"] * weights["content_layers"][l] * content_loss(
-            feats[l][0], targets["content"][l], obj.content_norm)
+        t = content_term(feats[l][0], l, targets, weights, obj)
         terms[f"content/{l}"] = t
         content = content + t
     style = jnp.float32(0.0)
     for l in obj.style_layers:
-        f = _flat(feats[l])
-        if obj.regions:
-            e = jnp.float32(0.0)
-            for k in range(obj.regions):
-                mask = targets["masks"][l][k]
-                target_k = jax.tree.map(lambda a: a[k], targets["style"][l])
-                e_k = _style_layer_loss(f, target_k, obj, masks.region_weights(mask))
-                e = e + jnp.where(masks.region_area(mask) > 0, e_k, 0.0)
-        else:
-            e = _style_layer_loss(f, targets["style"][l], obj, None)
-        t = weights["style_weight"] * weights["style_layers"][l] * e
+        t = style_term(feats[l], l, targets, weights, obj)
         terms[f"style/{l}"] = t
         style = style + t
-    tv = weights["tv_weight"] * tv_loss(image, obj.tv_kind)
+    tv = tv_term(image, weights, obj)
     loss = content + style + tv
     if obj.hist_layers:
         hist = jnp.float32(0.0)
         for l in obj.hist_layers:
-            f = _flat(feats[l])
-            if obj.regions:
-                e = jnp.float32(0.0)
-                for k in range(obj.regions):
-                    inside = targets["masks"][l][k].reshape(-1) >= 0.5
-                    e = e + histogram.histogram_loss(f, targets["hist"][l][k], inside)
-            else:
-                e = histogram.histogram_loss(f, targets["hist"][l])
-            t = weights["hist_weight"] * weights["hist_layers"][l] * e
+            t = hist_term(feats[l], l, targets, weights, obj)
             terms[f"hist/{l}"] = t
             hist = hist + t
         terms["hist"] = hist

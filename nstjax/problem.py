@@ -269,11 +269,13 @@ def point_weights(union: Objective, spec: RunSpec) -> dict:
     one builder of the weights, for single runs (``union`` = the spec's own objective) and sweeps."""
     w = objective_weights(spec.objective, spec.content_weight, spec.style_weight, spec.tv_weight,
                           spec.content_layer_weights or None, spec.style_layer_weights or None,
-                          hist_weight=spec.hist_weight, hist_layer_weights=spec.hist_layer_weights or None)
+                          hist_weight=spec.hist_weight,
+                          hist_layer_weights=spec.hist_layer_weights or None,
+                          normalize_gradients=spec.normalize_gradients)
     f32 = lambda x: np.float32(np.asarray(x))  # noqa: E731
     out = {
         "content_weight": f32(w["content_weight"]), "style_weight": f32(w["style_weight"]),
-        "tv_weight": f32(w["tv_weight"]),
+        "tv_weight": f32(w["tv_weight"]), "normalize_gradients": f32(w["normalize_gradients"]),
         "content_layers": {l: f32(w["content_layers"].get(l, 0.0)) for l in union.content_layers},
         "style_layers": {l: f32(w["style_layers"].get(l, 0.0)) for l in union.style_layers},
     }

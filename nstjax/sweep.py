@@ -50,13 +50,14 @@ from nstjax.losses import Objective
 from nstjax.problem import check_size_for_layers, output_shape, union_objective
 
 # The fields that points of one batch may differ in without changing the compiled program: the
-# layer choices (per-layer weights over the union of layers), the loss weights (arrays), the images
-# and everything that only changes how they become targets and a starting image (per-point data),
-# the seed, and the progress and console settings. Every other field is part of the batch key, so a
-# field added later splits batches rather than being silently shared.
+# layer choices (per-layer weights over the union of layers), the loss weights and the gradient
+# normalisation switch (arrays among the weights), the images and everything that only changes how
+# they become targets and a starting image (per-point data), the seed, and the progress and console
+# settings. Every other field is part of the batch key, so a field added later splits batches rather
+# than being silently shared.
 TRACED_FIELDS = ("content_layers", "content_layer_weights", "style_layers", "style_layer_weights",
-                 "content_weight", "style_weight", "tv_weight", "seed", "init", "progress",
-                 "hist_layers", "hist_layer_weights", "hist_weight",
+                 "content_weight", "style_weight", "tv_weight", "normalize_gradients", "seed", "init",
+                 "progress", "hist_layers", "hist_layer_weights", "hist_weight",
                  "content", "style", "style_blend", "style_scale", "style_resize", "content_masks",
                  "style_masks", "preserve_color", "color_space", "print_every", "output", "output_bits")
 # summary.csv's columns besides the swept fields and the loss terms. A swept field's column is its
