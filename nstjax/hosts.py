@@ -22,7 +22,9 @@ open as *lifelines* between process 0 and every other process. The kernel closes
 process's socket at once, so the other side learns of a SIGKILL at once (measured on localhost,
 tests/test_multihost.py: process 0 printed its line 0.45 s after process 1 was killed, mid-batch);
 a host that vanishes without closing it (power, network) is noticed after :data:`SILENCE_S`
-seconds without its pings. A watcher thread then prints ``nstjax: error: lost process I of N ...``
+seconds without its pings. (When process 0 dies, JAX's client in the others, whose coordination
+service died with it, notices at the same instant and may log its own fatal lines first: 2 of 6
+tries on localhost; docs/multihost.md.) A watcher thread then prints ``nstjax: error: lost process I of N ...``
 and ends the process with exit code 2 (``os._exit``: the main thread may be blocked inside a
 collective that would never return, and JAX's exit handler would wait in a shutdown barrier for
 the dead peer). A process that ends by itself says so first (:func:`finish`): after a clean end
@@ -142,6 +144,10 @@ def start(launch: Launch | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) ->
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except AttributeError:  # a jax without the option: its CPU collectives are its own
         pass
+    # JAX's preemption service (for training loops that checkpoint on a preemption notice) is of
+    # no use here, and when process 0 dies it logs two more lines from C++ in the others.
+    with _suppress(AttributeError, ValueError):
+        jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
                                    local_device_ids=local_ids, initialization_timeout=int(timeout_s))
@@ -337,8 +343,7 @@ class _Lifeline:
         self.ending = True
         for p in list(self.socks):  # process 0 passes it on: the others see no other peer
             self._send(p, f"end 2 {message}\n")
-        print(f"nstjax: error: {message}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
+        _last_words(f"nstjax: error: {message}\n")
         os._exit(2)
 
     def _lost(self, peer: int, why: str) -> None:
@@ -391,6 +396,22 @@ class _Lifeline:
                               + (f": {message}" if message else f" (exit code {code})"))
 
 
+def _last_words(line: str) -> None:
+    """Writes ``line`` to stderr in one write, then points stderr at /dev/null: when process 0
+    dies, JAX's coordination client in this process notices it at the same moment and logs an
+    error line of its own from a C++ thread, which would land in the middle of or after ours (seen
+    on localhost) before ``os._exit`` ends the process."""
+    with _suppress():
+        sys.stdout.flush()
+    with _suppress():
+        sys.stderr.flush()
+    with _suppress():
+        os.write(2, line.encode(errors="replace"))
+    with _suppress():
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -405,7 +426,7 @@ def _readline(conn: socket.socket) -> str:
     return line.decode(errors="replace").strip()
 
 
-def _suppress():
+def _suppress(*errors):
     import contextlib
 
-    return contextlib.suppress(OSError)
+    return contextlib.suppress(*(errors or (OSError,)))
