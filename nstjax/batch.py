@@ -264,11 +264,12 @@ def _find_start(points: list[_Point], ctx: Context, objective: Objective, cache:
     for k in range(last + 1):
         if k > 0:
             problems = _problems(points, k, ctx, objective, prev, cache)
-        if not (resume and all(p.ckpt_dir(k).is_dir() for p in points)):
-            return k, problems, None, metas
-        for p in points:
-            p.open_stage(k, fresh=False)
-        found = _restore(points, problems)
+        found = None
+        if resume and all(p.ckpt_dir(k).is_dir() for p in points):
+            for p in points:
+                p.open_stage(k, fresh=False)
+            found = _restore(points, problems)
+        found = _shared(found, problems, ctx)  # multi-host: process 0's decision, everywhere
         if found is None:
             return k, problems, None, metas
         metas = [m for _, m in found]
@@ -279,6 +280,27 @@ def _find_start(points: list[_Point], ctx: Context, objective: Objective, cache:
             continue
         return k, problems, found, metas
     return last, problems, None, metas
+
+
+def _shared(found, problems: list[Problem], ctx: Context):
+    """Process 0's restored (state, meta) per point, or None, on every process of a multi-host
+    sweep (else ``found`` as it is). Only process 0 opens checkpoints (it alone writes the workdir,
+    which the other hosts need not see), so without this the others would start from step 0 while
+    it resumed, and their collectives would stop matching (a hang). The others receive the step,
+    images and optimiser states into arrays of the same shapes (a fresh state); their metas are
+    None (only process 0 writes manifests)."""
+    devs = ctx.programs.devices
+    if not devs.multihost:
+        return found
+    if not int(devs.broadcast(np.int32(found is not None))):
+        return None
+    if found is None:
+        found = [(RunState(0, np.asarray(pr.image), pr.spec.optimizer.build().init(jnp.asarray(pr.image)),
+                           pr.rng), None) for pr in problems]
+    sent = devs.broadcast([(np.int32(st.step), np.asarray(st.image), jax.tree.map(np.asarray, st.opt_state))
+                           for st, _ in found])
+    return [(dataclasses.replace(st, step=int(step), image=image, opt_state=opt), meta)
+            for (st, meta), (step, image, opt) in zip(found, sent)]
 
 
 def _stage_record(p: _Point, k: int, pr: Problem) -> dict:

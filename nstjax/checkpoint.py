@@ -187,9 +187,18 @@ class Checkpoints:
         for tmp in sorted(self.directory.glob(f"*{TMP_MARK}*")):
             self.log(f"removed a half-written checkpoint {tmp.name} (the run was killed while saving)")
             shutil.rmtree(tmp, ignore_errors=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
-                                               enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+        alone = {}
+        if jax.process_count() > 1:
+            # A multi-host sweep: only process 0 keeps checkpoints (it alone writes the workdir;
+            # nstjax/batch.py shares what it restores), so orbax must not wait in barriers for
+            # processes that never open this directory (it would, for its 300 s timeout, on every
+            # save). orbax refuses create=True with active_processes: the mkdir above does it.
+            me = jax.process_index()
+            alone = {"create": False, "multiprocessing_options": ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me})}
+        options = ocp.CheckpointManagerOptions(**{"max_to_keep": max(1, keep), "create": True,
+                                                  "enable_async_checkpointing": False,
+                                                  "cleanup_tmp_directories": True, **alone})
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def steps(self) -> list[int]:

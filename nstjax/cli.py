@@ -4,10 +4,14 @@
            [--output=FILE] [--print_every=N]
     nstjax --replay=DIR [--workdir=NEWDIR]
     nstjax --config=configs/ablation_style_layers.py [--workdir=DIR] --dry_run
+    nstjax --config=SWEEP.py --workdir=DIR --coordinator=HOST:PORT --num_processes=N --process_id=I
 
 A config whose ``sweep`` is not empty runs as a sweep (nstjax/sweep.py, docs/sweeps.md): every
 point in DIR/points/, summary.csv, grid.png and loss_curves.png in DIR; started again on the same
 DIR it runs only the points not yet done. ``--dry_run`` lists the points and their batches.
+A sweep spans several processes (hosts) when each is started with ``--coordinator``,
+``--num_processes`` and ``--process_id`` (or with ``--config.sweep.distributed=True`` under SLURM,
+Open MPI, Cloud TPU or Kubernetes, which JAX detects): docs/multihost.md.
 
 With no ``--config`` it runs the built-in default (``configs/default.py``'s settings) on the
 built-in image pair. Running again with the same --workdir resumes an unfinished run of the same
@@ -150,13 +154,28 @@ def make_flags(argv: list[str]):
                          "on stdout; sets config.print_every.", flag_values=fv)
     flags.DEFINE_string("output", None, "Also write the final image to this file, in the format of "
                         "its extension (.png, .jpg, .webp, .tif); sets config.output.", flag_values=fv)
+    # A multi-process sweep without cluster auto-detection (nstjax/hosts.py, docs/multihost.md)
+    flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, where every process of a "
+                        "multi-process sweep meets.", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "How many processes run the sweep.", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's id, 0 to num_processes - 1 (0 writes the "
+                         "files).", flag_values=fv)
+    flags.DEFINE_integer("init_timeout", 120, "Seconds for every process of a multi-process sweep to "
+                         "reach the coordinator and each other.", lower_bound=1, flag_values=fv)
     return fv
 
 
 def _fail(message: str) -> int:
     message = " ".join(str(message).split())  # one line, whatever the message held
     print(f"nstjax: error: {message}", file=sys.stderr)
+    _hosts().note_error(message)  # a multi-process sweep's other processes are told it
     return EXIT_USER_ERROR
+
+
+def _hosts():
+    from nstjax import hosts  # light: the standard library only
+
+    return hosts
 
 
 def _config_file_problem(path: str) -> str | None:
@@ -225,6 +244,10 @@ def _parse(argv: list[str]):
         if fv.replay:  # a replay checks final.png; it must not overwrite the original's --output file
             return None, _fail("--output cannot be used with --replay")
         fv.config.output = fv.output  # validated with the rest of the config, before any work
+    try:
+        _hosts().parse_launch(fv.coordinator, fv.num_processes, fv.process_id)
+    except UserError as e:
+        return None, _fail(e)
     return fv, 0
 
 
@@ -255,11 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     if fv is None:
         return code
     _quiet_libraries()
+    from nstjax import hosts, sweep
+
+    launch = hosts.parse_launch(fv.coordinator, fv.num_processes, fv.process_id)  # checked in _parse
+    if launch is not None or (sweep.is_sweep(fv.config) and fv.config.sweep.distributed):
+        if fv.replay or not sweep.is_sweep(fv.config):
+            return _fail("--coordinator, --num_processes and --process_id (or sweep.distributed) run a "
+                         "sweep over several processes; this is not a sweep (set sweep.axes or "
+                         "sweep.points)")
+        try:  # first of all: before anything starts a JAX backend
+            hosts.start(launch, fv.init_timeout)
+        except UserError as e:
+            return _fail(e)
     from nstjax import compile_cache
 
     if not fv.replay:  # a replay compiles afresh: it checks compilation's determinism too
         compile_cache.enable()  # before anything compiles (imports jax: after argument checks)
-    from nstjax import sweep
     from nstjax.run import run, sweep_main
 
     if fv.dry_run or sweep.is_sweep(fv.config):
@@ -270,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(e)
         except RunInterrupted as e:
             print(f"nstjax: {' '.join(str(e).split())}", file=sys.stderr)
+            hosts.note_error(" ".join(str(e).split()))
             return e.exit_code
         except KeyboardInterrupt:
             print(f"nstjax: {SWEEP_STOPPED.format(name='SIGINT')}", file=sys.stderr)
@@ -279,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:  # a full disk: one line, as for a single run
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             return _fail(f"{e.strerror or e}{where}")
+        except Exception:
+            # Of several processes: a collective fails the moment a peer dies, just before the
+            # lifeline hears of it and ends this process with one line; give it that moment.
+            hosts.wait_for_peers()
+            raise
     try:
         with interrupts.running():  # a signal StopSignals does not handle: stop at once
             if fv.replay:
@@ -328,6 +368,12 @@ def entry() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = EXIT_BROKEN_PIPE
+    except Exception:
+        if _hosts().active():  # a bug in one process of several: its traceback, then end now, as
+            traceback.print_exc()  # JAX's exit handler would wait for the others in a barrier
+            _hosts().finish(1)
+        raise
+    _hosts().finish(code)  # a multi-process sweep: tell the others; a failure ends here (os._exit)
     interrupts.exiting(code)  # a Ctrl-C during shutdown (atexit) ends it with this code, quietly
     sys.exit(code)
 

@@ -94,13 +94,15 @@ class Devices:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 
-    def broadcast(self, x: np.ndarray) -> np.ndarray:
-        """Process 0's value of ``x`` on every process (what it read from the workdir)."""
+    def broadcast(self, x):
+        """Process 0's value of ``x``, an array or a pytree of arrays of the same shapes on every
+        process, on every process (what it read from the workdir)."""
         if not self.multihost:
             return x
         from jax.experimental import multihost_utils
 
-        return np.asarray(multihost_utils.broadcast_one_to_all(x))
+        # tree.map: a pytree too (nstjax/batch.py shares restored states); an array as before
+        return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(x))
 
 
 def _strong(tree):

@@ -48,7 +48,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from nstjax import memory, multiscale, records
+from nstjax import hosts, memory, multiscale, records
 from nstjax.batch import Context, Job, run_batch
 from nstjax.config import validate
 from nstjax.errors import RunInterrupted, UserError
@@ -208,13 +208,29 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
 
 
 def _init_distributed() -> None:
-    try:
-        jax.distributed.initialize()
-    except RuntimeError as e:
-        if "already" not in str(e):
-            raise UserError(f"sweep.distributed: jax.distributed.initialize() failed: {e}") from None
-    except ValueError as e:
-        raise UserError(f"sweep.distributed: jax.distributed.initialize() failed: {e}") from None
+    # JAX's runtime, by cluster auto-detection, and the lifelines that end every process in one line
+    # when one dies (nstjax/hosts.py; one-line UserErrors, a timeout, never a hang). The command
+    # line has usually started it already (--coordinator ...): then this does nothing.
+    hosts.start()
+
+
+class _AgreedStop:
+    """``should_stop`` for the processes of a multi-host sweep: each asks at the same chunk boundary
+    and they all stop when any of them got SIGINT/SIGTERM. A process stopping alone would leave the
+    others waiting in the next chunk's collectives. ``signum``: this process's signal, else the
+    first one another got (for the message and the exit code)."""
+
+    def __init__(self, stop: StopSignals):
+        self.stop, self.signum = stop, None
+
+    def __call__(self) -> bool:
+        from jax.experimental import multihost_utils
+
+        every = np.asarray(multihost_utils.process_allgather(np.int32(self.stop.signum or 0))).ravel()
+        got = [int(s) for s in every if s]
+        if got:
+            self.signum = self.stop.signum or got[0]
+        return bool(got)
 
 
 def _point_job(p, workdir: Path, batch, n_devices: int, writer: bool) -> Job:
@@ -259,7 +275,9 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, ove
         _init_distributed()
     workdir = Path(workdir)
     lock = contextlib.nullcontext()
-    if not sweep.distributed:  # multi-host sweeps, whose hosts share the workdir, go without it
+    # Of several processes (sweep.distributed, or the command line's --coordinator ...), only
+    # process 0 writes the workdir, so only it takes the lock; the others may not even see it.
+    if not (sweep.distributed or hosts.active()) or jax.process_index() == 0:
         prepare_dir(workdir)
         lock = workdir_lock(workdir)
     with lock, StopSignals(handle_signals, say) as stop:
@@ -282,6 +300,10 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
     skipped = [p.index for p in sweep.points if done_mask[p.index]]
     todo = [p for p in sweep.points if not done_mask[p.index]]
     budget, shared, _ = memory.budget(sweep.memory_gb)
+    if devs.multihost:  # one plan everywhere (the same chunks, so the same collectives): made
+        # from process 0's measure of free memory, not from each host's own
+        got = devs.broadcast(np.array([-1.0 if budget is None else budget, shared], np.float32))
+        budget, shared = (None if got[0] < 0 else float(got[0])), float(got[1])
     batches = plan(sweep, todo, devs.slots, budget, shared, rows=devs.rows)
 
     record = sweep_record(sweep, devs.count, jax.process_count())
@@ -301,7 +323,7 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
         if params is None:
             params, weights_info = load_vgg19_with_info(str(todo[0].config.weights_path) or None)
         ctx = Context(Programs(devs), params, weights_info, say, progress=bool(cfg.get("progress", False)),
-                      writer=writer, should_stop=stop)
+                      writer=writer, should_stop=_AgreedStop(stop) if devs.multihost else stop)
         for b in batches:
             if b.split_reason:
                 say(f"batch {b.index} runs its {len(b.points)} points in {b.n_chunks} chunks of "
@@ -317,12 +339,13 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
                     invocation.update(status="interrupted", wall_s=time.time() - t_start)
                     if writer:
                         records.write_json(workdir / "sweep.json", record)
-                    name = signal.Signals(stop.signum).name
+                    signum = ctx.should_stop.signum  # _AgreedStop: maybe another process's signal
+                    name = signal.Signals(signum).name
                     step = res.outcomes[0].result.steps_done
                     raise RunInterrupted(
                         f"stopped by {name} at step {step} of batch {b.index} (points "
                         f"{ranges([p.index for p in pts])}): checkpointed them; finished points are "
-                        "kept; run the same command again to resume", stop.signum, step)
+                        "kept; run the same command again to resume", signum, step)
                 for p, o in zip(pts, res.outcomes):
                     if o.result.bad_terms is not None:
                         say(f"point {p.index} ({p.label}) stopped: "
@@ -366,7 +389,10 @@ def sweep_main(cfg: ml_collections.ConfigDict, workdir: str | None, *, overwrite
     if not workdir:
         raise UserError("--workdir is required (the directory for the sweep's outputs)")
     out = run_sweep(cfg, workdir, overwrite=overwrite)
-    print(f"nstjax: sweep wrote {Path(workdir) / 'summary.csv'} and grid.png: {len(out['points'])} points "
+    # Process 0 of a multi-host sweep writes the files; the others only computed their share.
+    did = (f"sweep wrote {Path(workdir) / 'summary.csv'} and grid.png" if jax.process_index() == 0 else
+           f"process {jax.process_index()} of {jax.process_count()} (process 0 writes the files)")
+    print(f"nstjax: {did}: {len(out['points'])} points "
           f"run, {len(out['skipped'])} already done, {out['wall_s']:.1f} s", flush=True)
     # Every point's status, those finished in earlier invocations too (only the writing process
     # reads them): a resumed sweep whose stopped points were run before exits as the first did.
