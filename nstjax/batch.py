@@ -29,7 +29,7 @@ import numpy as np
 from nstjax import images, multiscale, records
 from nstjax.checkpoint import Checkpoints, RunState
 from nstjax.config import RunSpec, chunk_length
-from nstjax.errors import UserError
+from nstjax.errors import UserError, WeightsError
 from nstjax.losses import Objective
 from nstjax.output import write_output
 from nstjax.loop import PointResult, Sink, StageInputs, Timing, optimise
@@ -245,9 +245,14 @@ class BatchResult:
 
 def _problems(points: list[_Point], k: int, ctx: Context, objective: Objective, prev: list | None,
               cache: dict) -> list[Problem]:
-    return [load_problem(p.stages[k], ctx.params, ctx.weights_info, objective=objective, cache=cache,
-                         init_array=None if prev is None else prev[j])
-            for j, p in enumerate(points)]
+    problems = [load_problem(p.stages[k], ctx.params, ctx.weights_info, objective=objective,
+                             cache=cache, init_array=None if prev is None else prev[j])
+                for j, p in enumerate(points)]
+    for pr in problems:  # load_problem converts params of another network: then the steps would not
+        if pr.params is not ctx.params:  # run on the params the targets came from
+            raise WeightsError(f"the batch's params are not the {pr.spec.network} network its "
+                               "points use (nstjax.network.load_network makes them)")
+    return problems
 
 
 def _find_start(points: list[_Point], ctx: Context, objective: Objective, cache: dict):

@@ -17,6 +17,7 @@ from nstjax import multiscale, vgg
 from nstjax.errors import ConfigError
 from nstjax.images import BUILTIN_CONTENT, BUILTIN_STYLE
 from nstjax.losses import Objective
+from nstjax.network import check_network
 from nstjax.optimize import INITS, OptimizerSpec
 
 STYLE_LAYERS_5 = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -48,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     # position and channel (jcjohnson), i.e. "mean" / N^2, which evens out the layers' scales.
     c.gram_norm = "chw"
     c.pooling = "max"  # "max" or "avg"
+    # "vgg19": the ImageNet weights as trained; "vgg19_normalized": rescaled so each filter's mean
+    # activation over a set of photographs is 1, as Gatys et al. did (nstjax/network.py).
+    c.network = "vgg19"
     # Optimisation.
     c.init = "content"  # "noise", "content", "style", "gray", or an image path
     c.seed = 0
@@ -141,6 +145,7 @@ class RunSpec:
     color_space: str = "yiq"
     content_masks: tuple[str, ...] = ()
     style_masks: tuple[str, ...] = ()
+    network: str = "vgg19"  # which VGG-19 (nstjax.network.NETWORKS)
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # weights become float32 in the compiled loss
@@ -363,7 +368,8 @@ def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSp
                               hist_layers=hist_layers, regions=len(content_masks))
     spec = dataclasses.replace(
         spec, objective=obj, hist_weight=hist_weight, hist_layer_weights=hlw, preserve_color=preserve,
-        color_space=space, content_masks=content_masks, style_masks=style_masks)
+        color_space=space, content_masks=content_masks, style_masks=style_masks,
+        network=check_network(_str(cfg, "network")))
     multiscale.stages(spec)  # checks scales against size and scale_steps
     return spec
 

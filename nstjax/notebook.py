@@ -94,7 +94,9 @@ def stylize(content, style, *, workdir: str | os.PathLike | None = None, return_
         cfg.content, cfg.style = c_name, ",".join(s_names)
         spec = validate(cfg)
         check_problem(multiscale.stages(spec)[-1])
-        params, info = _weights(str(cfg.weights_path))
+        from nstjax.network import load_network
+
+        params, info = load_network(spec.network, None, *_weights(str(cfg.weights_path)))
         records: list[dict] = []
         ctx = Context(Programs(Devices(jax.local_devices()[:1])), params, info, lambda m: None,
                       progress=bool(cfg.progress), writer=False)

@@ -24,7 +24,8 @@ from nstjax.config import RunSpec, chunk_length
 from nstjax.errors import UserError
 from nstjax.losses import Objective, compute_targets, objective_weights
 from nstjax.optimize import INITS, init_image
-from nstjax.weights import WeightsInfo, load_vgg19_with_info
+from nstjax.network import load_network
+from nstjax.weights import WeightsInfo
 
 
 @dataclasses.dataclass
@@ -136,10 +137,11 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
         inputs["init"] = describe_input(init_path)
     original = content
     content, styles = color.prepare(spec.preserve_color, content, styles, spec.color_space)
-    if params is None:
-        params, weights_info = load_vgg19_with_info(weights_path or None)
+    # The spec's network: params given are converted if they are not that network already.
+    params, weights_info = load_network(spec.network, weights_path, params, weights_info)
     key = (obj, spec.content, spec.styles, spec.style_blend, spec.preserve_color, spec.color_space,
-           spec.content_masks, spec.style_masks, content.shape, tuple(s.shape for s in styles))
+           spec.content_masks, spec.style_masks, spec.network,
+           content.shape, tuple(s.shape for s in styles))
     targets = None if cache is None else cache.get(key)
     if targets is None:
         content_masks = [masks.load_mask(p, (cw, ch)) for p in spec.content_masks] or None

@@ -56,6 +56,7 @@ from nstjax.problem import check_problem, union_objective
 from nstjax.programs import Devices, Programs
 from nstjax.sweep import NonFinitePoints, describe, expand, is_sweep, plan, ranges
 from nstjax.sweep_files import point_dir, sweep_record, write_outputs
+from nstjax.network import load_network
 from nstjax.weights import WeightsInfo, load_vgg19_with_info
 from nstjax.workdir import (LOCK_FILE, clear_run, inspect_workdir, is_done, prepare_dir,
                             prepare_sweep_dir, workdir_lock)
@@ -159,8 +160,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
             with workdir_lock(workdir):
                 plan_ = inspect_workdir(workdir, cfg, overwrite)
                 check_problem(multiscale.stages(spec)[-1])  # the largest stage must fit
-                if params is None:
-                    params, weights_info = load_vgg19_with_info(str(cfg.weights_path) or None)
+                params, weights_info = load_network(spec.network, str(cfg.weights_path), params,
+                                                    weights_info)
                 if plan_ == "overwrite":
                     clear_run(workdir)
                 ctx = Context(Programs(Devices(jax.local_devices()[:1])), params, weights_info, log,
@@ -292,9 +293,13 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
     if todo:
         if params is None:
             params, weights_info = load_vgg19_with_info(str(todo[0].config.weights_path) or None)
-        ctx = Context(Programs(devs), params, weights_info, say, progress=bool(cfg.get("progress", False)),
-                      writer=writer, should_stop=stop)
+        ctx, programs = None, Programs(devs)
         for b in batches:
+            # Each batch's network (a sweep axis changes the params: its points are in other batches)
+            net = load_network(b.points[0].spec.network, None, params, weights_info)
+            if ctx is None or ctx.params is not net[0]:
+                ctx = Context(programs, *net, say, progress=bool(cfg.get("progress", False)),
+                              writer=writer, should_stop=stop)
             if b.split_reason:
                 say(f"batch {b.index} runs its {len(b.points)} points in {b.n_chunks} chunks of "
                     f"{b.chunk_size}, one compiled program ({b.split_reason})")
