@@ -109,6 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
     # marks the content region that style image paints. Empty = the whole image, styles blended.
     c.content_masks = ""
     c.style_masks = ""  # optional masks of the style images (which part of each to take); empty = all
+    # Scale control (Gatys et al. 2017): one index into the `style` list per style layer, the image
+    # that layer's statistics come from (coarse layers from one painting, fine from another).
+    # Empty = every layer from the blend of all the style images.
+    c.style_layer_images = ()
     return c
 
 
@@ -146,6 +150,7 @@ class RunSpec:
     content_masks: tuple[str, ...] = ()
     style_masks: tuple[str, ...] = ()
     network: str = "vgg19"  # which VGG-19 (nstjax.network.NETWORKS)
+    style_layer_images: tuple[int, ...] = ()  # per style layer, its style image's index
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # weights become float32 in the compiled loss
@@ -370,8 +375,30 @@ def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSp
         spec, objective=obj, hist_weight=hist_weight, hist_layer_weights=hlw, preserve_color=preserve,
         color_space=space, content_masks=content_masks, style_masks=style_masks,
         network=check_network(_str(cfg, "network")))
+    spec = dataclasses.replace(spec, style_layer_images=_style_layer_images(cfg, spec))
     multiscale.stages(spec)  # checks scales against size and scale_steps
     return spec
+
+
+def _style_layer_images(cfg: ml_collections.ConfigDict, spec: RunSpec) -> tuple[int, ...]:
+    """Scale control: one index into the style images per style layer, or empty."""
+    given = _ints(cfg, "style_layer_images")
+    if not given:
+        return ()
+    layers, n = spec.objective.style_layers, len(spec.styles)
+    if len(given) != len(layers):
+        raise ConfigError(f"style_layer_images has {len(given)} entries for {len(layers)} style "
+                          "layers (one style image index per style layer)")
+    if max(given) >= n:
+        raise ConfigError(f"style_layer_images names style image {max(given)}, but there "
+                          f"{'is' if n == 1 else 'are'} {n} (indices 0..{n - 1} of config.style)")
+    if spec.content_masks:
+        raise ConfigError("style_layer_images cannot be combined with content_masks (each region "
+                          "has its own style image)")
+    if spec.style_blend:
+        raise ConfigError("style_layer_images cannot be combined with style_blend (each style "
+                          "layer takes one image, not a blend)")
+    return given
 
 
 def chunk_length(spec: RunSpec) -> int:

@@ -140,15 +140,17 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
     # The spec's network: params given are converted if they are not that network already.
     params, weights_info = load_network(spec.network, weights_path, params, weights_info)
     key = (obj, spec.content, spec.styles, spec.style_blend, spec.preserve_color, spec.color_space,
-           spec.content_masks, spec.style_masks, spec.network,
+           spec.content_masks, spec.style_masks, spec.style_layer_images, spec.network,
            content.shape, tuple(s.shape for s in styles))
     targets = None if cache is None else cache.get(key)
     if targets is None:
         content_masks = [masks.load_mask(p, (cw, ch)) for p in spec.content_masks] or None
         style_masks = [masks.load_mask(p, (s.shape[1], s.shape[0]))
                        for p, s in zip(spec.style_masks, styles)] or None
+        by_layer = dict(zip(spec.objective.style_layers, spec.style_layer_images)) or None
         targets = compute_targets(params, obj, content, styles, spec.style_blend or None,
-                                  content_masks=content_masks, style_masks=style_masks)
+                                  content_masks=content_masks, style_masks=style_masks,
+                                  style_layer_images=by_layer)
         targets = jax.tree.map(np.asarray, targets)  # host copies: stacked per batch
         memory.release_free_memory()  # the targets' forward passes are done
         if cache is not None:
