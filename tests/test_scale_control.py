@@ -3,6 +3,8 @@ image its statistics come from."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -75,3 +77,22 @@ def test_points_differing_only_in_style_layer_images_share_a_batch_not_targets(p
     cache: dict = {}
     a, b = (load_problem(p.spec, params, cache=cache) for p in s.points)
     assert not np.allclose(a.targets["style"]["relu1_1"], b.targets["style"]["relu1_1"])
+
+
+def test_the_scale_control_figure_is_one_command_writing_its_csv_and_grid(image_dir, tmp_path):
+    import csv
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("extensions", ROOT / "experiments" / "extensions.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "scale"
+    assert mod.main(["--only", "scale", "--size", "64", "--steps", "4", "--out", str(out),
+                     "--content", str(image_dir / "tubingen.jpg")]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["panel"] for r in rows] == ["scale: fine 1, coarse 2", "scale: fine 2, coarse 1"]
+    configs = [json.loads((out / r["workdir"] / "config.json").read_text()) for r in rows]
+    assert [c["style_layer_images"] for c in configs] == [[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert (out / "grid.png").is_file()
