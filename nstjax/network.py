@@ -18,6 +18,14 @@ set is exactly 1. The same identity means all a_l come from one forward pass of 
 the numbers a layer-by-layer procedure (normalise layer l-1, then measure layer l) would measure.
 A filter never active on the image set (a_l = 0) keeps scale 1 (any scale leaves a zero mean zero).
 
+The means are measured with max pooling, the network as trained. Average pooling (the paper's
+choice for synthesis) passes on smaller activations, so under it the means fall to about 0.8
+(block 2) to 0.2 (block 5). Factors measured with average pooling instead were tried and are not
+safe: a conv2_1 filter that max pooling never activates on the image set is active under average
+pooling at a mean of 7.4e-6, so its factor would be 1.4e5, and on the shared test photographs it
+then averages about 1e6, which would swamp relu2_1's Gram matrix. Max pooling has no such filter
+(its smallest active mean is 0.003, in conv5_4, a layer the paper does not use).
+
 The a_l ship in ``nstjax/data/vgg19_normalization.npz`` (one float64 vector per conv layer, and a
 ``__meta__`` JSON record of the image set: names, sha256s, size, pooling), made by
 ``experiments/normalize_vgg.py`` from the photographs scikit-image bundles (docs/extensions.md
