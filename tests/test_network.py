@@ -117,3 +117,38 @@ def test_a_sweep_over_the_network_runs_each_point_on_its_network_and_records_it(
     single = run(alone, tmp_path / "alone", params=params, weights_info=info)
     np.testing.assert_array_equal(single["image"], points[1]["image"])
     assert single["final_terms"]["loss"] != points[0]["final"]["loss"]
+
+
+def test_the_papers_config_runs_on_the_normalised_network_at_the_papers_alpha_beta(weights,
+                                                                                   image_dir,
+                                                                                   tmp_path):
+    import importlib.util
+
+    from nstjax.run import run
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("g", ROOT / "configs" / "gatys2015.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    assert (c.network, c.content_weight / c.style_weight) == ("vgg19_normalized", 1e-3)
+    c.content, c.style = str(image_dir / "tubingen.jpg"), str(image_dir / "starry_night.jpg")
+    c.size, c.steps, c.chunk, c.log_every, c.progress = 64, 20, 10, 10, False
+    out = run(c, tmp_path / "paper", params=weights[0], weights_info=weights[1])
+    manifest = json.loads((tmp_path / "paper" / "manifest.json").read_text())
+    assert manifest["weights"]["network"] == "vgg19_normalized"
+    assert manifest["config"]["content_weight"] == 1.0 and manifest["config"]["style_weight"] == 1e3
+    curve = [json.loads(line)["loss"] for line in (tmp_path / "paper" / "metrics.jsonl").open()]
+    assert out["final_terms"]["loss"] < 0.2 * curve[0]  # from white noise, it converges
+
+
+def test_stylize_in_a_notebook_runs_on_the_network_asked_for(image_dir):
+    import nstjax
+
+    content, style = image_dir / "tubingen.jpg", image_dir / "starry_night.jpg"
+    kw = dict(size=64, steps=4, init="noise")
+    plain = nstjax.stylize(content, style, **kw)
+    normalized = nstjax.stylize(content, style, network="vgg19_normalized", **kw)
+    again = nstjax.stylize(content, style, network="vgg19_normalized", **kw)
+    assert normalized.shape == plain.shape and not np.array_equal(normalized, plain)
+    np.testing.assert_array_equal(normalized, again)  # the normalised params, kept, reused
