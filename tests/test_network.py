@@ -146,7 +146,7 @@ def test_stylize_in_a_notebook_runs_on_the_network_asked_for(image_dir):
     import nstjax
 
     content, style = image_dir / "tubingen.jpg", image_dir / "starry_night.jpg"
-    kw = dict(size=64, steps=4, init="noise")
+    kw = {"size": 64, "steps": 4, "init": "noise"}
     plain = nstjax.stylize(content, style, **kw)
     normalized = nstjax.stylize(content, style, network="vgg19_normalized", **kw)
     again = nstjax.stylize(content, style, network="vgg19_normalized", **kw)
