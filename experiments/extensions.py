@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="keep panels already finished in --out with the same config (re-plot only)")
     ap.add_argument("--only", default="",
-                    help="run only the panels whose label starts with this (e.g. scale, mask, texture)")
+                    help="run only the panels whose label starts with this (scale, mask, ...)")
     a = ap.parse_args(argv)
     size = a.size or (128 if a.quick else 384)
     steps = a.steps or (60 if a.quick else 200)
@@ -165,7 +165,8 @@ def main(argv=None) -> int:
               ("sky mask", mask_shown)]
     cells = []
     rows = []
-    chosen = [(label, o) for label, o in panels(a.style, a.style2, masks) if label.startswith(a.only)]
+    chosen = [(label, o) for label, o in panels(a.style, a.style2, masks)
+              if label.startswith(a.only)]
     if not chosen:
         raise SystemExit(f"extensions: error: no panel's label starts with {a.only!r}")
     for label, overrides in chosen:

@@ -157,7 +157,8 @@ def figure_config(name: str, quick: bool, content: Path, styles: list[Path]):
                           *({"init": "noise", "seed": s} for s in range(4)))
         c.sweep.grid = ("seed", "init")
         rows = (None, lambda v: f"alpha/beta = {ctx['alpha'] / c.style_weight:g}")
-        cols = (None, lambda v: f"noise, seed {v['seed']}" if v["init"] == "noise" else f"from {v['init']}")
+        cols = (None, lambda v: (f"noise, seed {v['seed']}" if v["init"] == "noise"
+                                 else f"from {v['init']}"))
     elif name == "content_layer":
         c.sweep.axes = (("content_layers", (("relu2_2",), ("relu4_2",))),)
         c.sweep.grid = ("", "content_layers")
@@ -167,7 +168,8 @@ def figure_config(name: str, quick: bool, content: Path, styles: list[Path]):
         c.sweep.axes = (("network", ("vgg19_normalized", "vgg19")),
                         ("style_weight", tuple(float(f"{1.0 / r:.6g}") for r in NETWORK_RATIOS)))
         c.sweep.grid = ("network", "style_weight")
-        rows = ("network", lambda v: "normalised VGG-19" if v == "vgg19_normalized" else "plain VGG-19")
+        rows = ("network", lambda v: ("normalised VGG-19" if v == "vgg19_normalized"
+                                      else "plain VGG-19"))
         cols = ("style_weight", lambda v: f"alpha/beta = {ctx['alpha'] / v:g}")
     else:
         raise SystemExit(f"figures: error: unknown figure {name!r}; one of {', '.join(FIGURES)} or all")
@@ -247,7 +249,8 @@ def run_figure(name: str, args) -> dict:
         loss = m.get("final", {}).get("loss")
         ok = m.get("status") == "finished"
         caption = f"loss {float(loss):.3g}" if ok and loss is not None else f"stopped at step {m.get('steps')}"
-        cells.append(plots.Cell(label(row_f, row_label, p.values), label(col_f, col_label, p.values),
+        cells.append(plots.Cell(label(row_f, row_label, p.values),
+                                label(col_f, col_label, p.values),
                                 images.to_uint8(images.load_image(r["final_png"])), caption, ok))
     mode = "quick" if args.quick else "full"
     size, steps = cfg.size, cfg.steps

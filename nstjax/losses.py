@@ -290,7 +290,8 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
         raise ConfigError("style_layer_images cannot be combined with masked regions")
     for l, i in chosen.items():
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_styles:
-            raise ConfigError(f"style layer {l} takes style image {i!r}, not one of 0..{n_styles - 1}")
+            raise ConfigError(f"style layer {l} takes style image {i!r}, not one of "
+                              f"0..{n_styles - 1}")
     total = float(sum(blend))
     if total <= 0:
         raise ConfigError("style blend weights must sum to a positive number")

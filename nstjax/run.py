@@ -295,7 +295,7 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
             params, weights_info = load_vgg19_with_info(str(todo[0].config.weights_path) or None)
         ctx, programs = None, Programs(devs)
         for b in batches:
-            # Each batch's network (a sweep axis changes the params: its points are in other batches)
+            # Each batch's network (a sweep axis over it changes the params: other batches)
             net = load_network(b.points[0].spec.network, None, params, weights_info)
             if ctx is None or ctx.params is not net[0]:
                 ctx = Context(programs, *net, say, progress=bool(cfg.get("progress", False)),

@@ -85,7 +85,8 @@ def test_the_scale_control_figure_is_one_command_writing_its_csv_and_grid(image_
 
     from tests.conftest import ROOT
 
-    spec = importlib.util.spec_from_file_location("extensions", ROOT / "experiments" / "extensions.py")
+    path = ROOT / "experiments" / "extensions.py"
+    spec = importlib.util.spec_from_file_location("extensions", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "scale"
