@@ -3,7 +3,8 @@
     python experiments/extensions.py --quick          # CPU: 128 px, 60 steps per panel, a few minutes
     python experiments/extensions.py                  # 384 px, 200 steps (an accelerator helps)
         [--content PATH] [--style PATH] [--style2 PATH] [--out runs/extensions] [--size N]
-        [--steps N] [--masks SKY.png,REST.png] [--docs docs/extensions.png]
+        [--steps N] [--masks SKY.png,REST.png] [--docs docs/extensions.png] [--only WORD]
+    python experiments/extensions.py --quick --only scale --out runs/scale_control   # one figure
 
 Every panel is one ordinary nstjax run (``nstjax.run.run``) of the default config with a few
 fields changed, so each leaves its own workdir (config.json, metrics.jsonl, final.png,
@@ -17,6 +18,8 @@ manifest.json) under ``--out``. Panels:
 - style scale 0.5 and 2 (the style image's size relative to the output's);
 - spatial control (Gatys et al. 2017): the sky in the first style, the rest in ``--style2``; and
   the sky alone styled (one mask, one style);
+- scale control (Gatys et al. 2017, ``style_layer_images``): the fine style layers (relu1_1,
+  relu2_1) from one painting and the coarse ones (relu3_1..relu5_1) from the other, both ways;
 - texture synthesis (no content loss, white-noise start) with the Gram loss alone and with the
   histogram loss added: where the Gram loss's instabilities (activations of the wrong mean and
   spread) show most, as in Risser et al.'s figures.
@@ -83,6 +86,8 @@ def panels(style: str, style2: str, masks: tuple[str, str]) -> list[tuple[str, d
         ("style scale 2", {"style_scale": 2.0}),
         ("masks: sky / town", {"style": two, "content_masks": ",".join(masks)}),
         ("mask: sky only", {"content_masks": masks[0]}),
+        ("scale: fine 1, coarse 2", {"style": two, "style_layer_images": (0, 0, 1, 1, 1)}),
+        ("scale: fine 2, coarse 1", {"style": two, "style_layer_images": (1, 1, 0, 0, 0)}),
         ("texture: Gram", {"content_weight": 0.0, "init": "noise"}),
         ("texture: Gram + histogram", {"content_weight": 0.0, "init": "noise", **HIST}),
     ]
@@ -135,6 +140,8 @@ def main(argv=None) -> int:
                     help="also write a compact (128-colour) grid of the results alone (no input images) here")
     ap.add_argument("--reuse", action="store_true",
                     help="keep panels already finished in --out with the same config (re-plot only)")
+    ap.add_argument("--only", default="",
+                    help="run only the panels whose label starts with this (scale, mask, ...)")
     a = ap.parse_args(argv)
     size = a.size or (128 if a.quick else 384)
     steps = a.steps or (60 if a.quick else 200)
@@ -158,7 +165,11 @@ def main(argv=None) -> int:
               ("sky mask", mask_shown)]
     cells = []
     rows = []
-    for label, overrides in panels(a.style, a.style2, masks):
+    chosen = [(label, o) for label, o in panels(a.style, a.style2, masks)
+              if label.startswith(a.only)]
+    if not chosen:
+        raise SystemExit(f"extensions: error: no panel's label starts with {a.only!r}")
+    for label, overrides in chosen:
         c = base_config()
         c.content, c.style, c.size, c.steps, c.progress = a.content, a.style, size, steps, False
         c.log_every = c.chunk = 10

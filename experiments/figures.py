@@ -15,12 +15,19 @@ NAME is one of
   alpha_beta      Fig. 3: rows = the cumulative style-layer subsets, columns = alpha/beta
                   1e-5, 1e-4, 1e-3, 1e-2.
   pooling_init    max against average pooling, white-noise against content initialisation.
+  init            Gatys et al. CVPR 2016, Fig. 6: initialised from the content photo, from the
+                  painting, and from four white-noise images (seeds 0-3), in one sweep.
+  content_layer   Gatys et al. CVPR 2016, Fig. 5: the content matched at conv2_2 against conv4_2.
+  networks        the normalised network (the paper's) beside the plain ImageNet VGG-19, at
+                  alpha/beta 1e-4 and 1e-3.
 
-Every figure is a sweep (nstjax/sweep.py) over the paper's settings (configs/gatys2015.py:
-content conv4_2, style conv1_1..conv5_1 with w_l = 1/L, the paper's loss normalisations, average
-pooling, white-noise init, L-BFGS). Layer names: the paper's "convX_Y" responses are rectified, so
-they are nstjax's ``reluX_Y`` (see configs/gatys2015.py). Points that share image shapes run as one
-compiled program; each figure's output directory holds
+Every figure is a sweep (nstjax/sweep.py) over the paper's settings (configs/gatys2015.py: the
+normalised VGG-19, content conv4_2, style conv1_1..conv5_1 with w_l = 1/L, the paper's loss
+normalisations and alpha/beta, average pooling, white-noise init, L-BFGS), with alpha/beta as the
+paper gives it at every size (no rescaling by the pixel count). Layer names: the paper's
+"convX_Y" responses are rectified, so they are nstjax's ``reluX_Y`` (see configs/gatys2015.py).
+Points that share image shapes run as one compiled program (the two networks of ``networks`` are
+two programs' batches); each figure's output directory holds
 
   figure.png       the labelled figure
   losses.csv       one row per cell: the swept values, steps done, final loss and every term, named
@@ -52,7 +59,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FIGURES = ("style_layers", "content_layers", "styles", "alpha_beta", "pooling_init")
+FIGURES = ("style_layers", "content_layers", "styles", "alpha_beta", "pooling_init", "init",
+           "content_layer", "networks")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 CUMULATIVE = tuple(STYLE_LAYERS[: i + 1] for i in range(5))
@@ -66,7 +74,11 @@ SETTINGS = {
     "styles": ((96, 200), (512, 1000)),
     "alpha_beta": ((96, 150), (512, 1000)),
     "pooling_init": ((96, 200), (512, 1000)),
+    "init": ((96, 200), (512, 1000)),
+    "content_layer": ((96, 200), (512, 1000)),
+    "networks": ((96, 200), (512, 1000)),
 }
+NETWORK_RATIOS = (1e-4, 1e-3)
 
 
 def paper_label(layer: str) -> str:
@@ -111,7 +123,7 @@ def figure_config(name: str, quick: bool, content: Path, styles: list[Path]):
     c.log_every = 10
     c.chunk = 10
     c.seed = 0
-    ctx = {"alpha": c.content_weight}  # the nominal alpha the labels speak of (see scale_alpha)
+    ctx = {"alpha": c.content_weight}  # alpha, for the labels of alpha/beta
     style_names = tuple(str(s) for s in styles)
     if name == "style_layers":
         c.content_layers, c.content_weight = (), 0.0
@@ -140,24 +152,33 @@ def figure_config(name: str, quick: bool, content: Path, styles: list[Path]):
         c.sweep.grid = ("pooling", "init")
         rows = ("pooling", lambda v: f"{v} pooling")
         cols = ("init", lambda v: "white-noise init" if v == "noise" else "content init")
+    elif name == "init":  # one sweep: content, style, and white noise with four seeds
+        c.sweep.points = ({"init": "content"}, {"init": "style"},
+                          *({"init": "noise", "seed": s} for s in range(4)))
+        c.sweep.grid = ("seed", "init")
+        rows = (None, lambda v: f"alpha/beta = {ctx['alpha'] / c.style_weight:g}")
+        cols = (None, lambda v: (f"noise, seed {v['seed']}" if v["init"] == "noise"
+                                 else f"from {v['init']}"))
+    elif name == "content_layer":
+        c.sweep.axes = (("content_layers", (("relu2_2",), ("relu4_2",))),)
+        c.sweep.grid = ("", "content_layers")
+        rows = (None, lambda v: f"alpha/beta = {ctx['alpha'] / c.style_weight:g}")
+        cols = ("content_layers", lambda v: f"content at {subset_label(v)}")
+    elif name == "networks":
+        c.sweep.axes = (("network", ("vgg19_normalized", "vgg19")),
+                        ("style_weight", tuple(float(f"{1.0 / r:.6g}") for r in NETWORK_RATIOS)))
+        c.sweep.grid = ("network", "style_weight")
+        rows = ("network", lambda v: ("normalised VGG-19" if v == "vgg19_normalized"
+                                      else "plain VGG-19"))
+        cols = ("style_weight", lambda v: f"alpha/beta = {ctx['alpha'] / v:g}")
     else:
         raise SystemExit(f"figures: error: unknown figure {name!r}; one of {', '.join(FIGURES)} or all")
     return c, rows, cols, ctx
 
 
-def scale_alpha(cfg, name: str, ctx: dict) -> float:
-    """Scales alpha (``content_weight``) by the full size's pixel count over this size's.
-
-    The paper's content loss, 1/2 sum (F - P)^2, grows with the pixel count M; its style loss,
-    1/(4 N^2 M^2) sum (G - A)^2, does not (G grows with M). So that alpha/beta weighs content against
-    style at a small size as it does at the full size, alpha is multiplied by the ratio of the pixel
-    counts (about 28 for 96 px against 512 px). The labels keep the nominal alpha/beta."""
-    full_size = SETTINGS[name][1][0]
-    # Only where both losses are on; a reconstruction has one of them.
-    factor = (full_size / cfg.size) ** 2 if name in ("styles", "alpha_beta", "pooling_init") else 1.0
-    ctx["alpha"] = cfg.content_weight
-    cfg.content_weight = cfg.content_weight * factor
-    return factor
+def label(field, fn, values: dict) -> str:
+    """A cell's row or column label: ``fn`` of its value of ``field``, or of all its values."""
+    return fn(values) if field is None else fn(values.get(field))
 
 
 TITLES = {
@@ -166,6 +187,9 @@ TITLES = {
     "styles": "One photograph, several styles (Gatys et al. 2015, Fig. 2)",
     "alpha_beta": "Style layers x alpha/beta (Gatys et al. 2015, Fig. 3)",
     "pooling_init": "Pooling and initialisation",
+    "init": "Initialisation: content, style, four white-noise images (Gatys et al. 2016, Fig. 6)",
+    "content_layer": "Content matched at conv2_2 or conv4_2 (Gatys et al. 2016, Fig. 5)",
+    "networks": "The normalised VGG-19 and the plain one",
 }
 
 
@@ -209,7 +233,7 @@ def run_figure(name: str, args) -> dict:
         field, _, value = override.partition("=")
         sw.set_field(cfg, field, json.loads(value) if value[:1] in "[{\"0123456789-" or value in
                      ("true", "false") else value)
-    alpha_scale = scale_alpha(cfg, name, ctx)
+    ctx["alpha"] = cfg.content_weight  # after --set
     out = Path(args.out or f"runs/figures/{name}{'_quick' if args.quick else ''}")
     if args.dry_run:
         return {"code": sweep_main(cfg, str(out / "sweep"), dry_run=True)}
@@ -225,25 +249,23 @@ def run_figure(name: str, args) -> dict:
         loss = m.get("final", {}).get("loss")
         ok = m.get("status") == "finished"
         caption = f"loss {float(loss):.3g}" if ok and loss is not None else f"stopped at step {m.get('steps')}"
-        cells.append(plots.Cell(row_label(p.values.get(row_f)) if row_f else row_label(None),
-                                col_label(p.values[col_f]),
+        cells.append(plots.Cell(label(row_f, row_label, p.values),
+                                label(col_f, col_label, p.values),
                                 images.to_uint8(images.load_image(r["final_png"])), caption, ok))
     mode = "quick" if args.quick else "full"
     size, steps = cfg.size, cfg.steps
     credit = ("Content photo: Neckarfront, Tübingen, by Andreas Praefcke (CC BY 3.0)"
               if "tubingen" in content.name.lower() and name != "style_layers" else "")
-    scaled = (f"; alpha x{alpha_scale:.3g} at {size} px"
-              if alpha_scale != 1 else "")
-    plots.save_grid(out / "figure.png", cells, title=f"{TITLES[name]}: {size} px, {steps} steps{scaled}"
+    plots.save_grid(out / "figure.png", cells, title=f"{TITLES[name]}: {size} px, {steps} steps"
                     + (f". {credit}" if credit else ""))
     plots.save_loss_curves(out / "loss_curves.png",
-                           [(f"{row_label(r['point'].values.get(row_f)) if row_f else ''} "
-                             f"{col_label(r['point'].values[col_f])}".strip(), r["curve"]) for r in rows],
+                           [(f"{label(row_f, row_label, r['point'].values)} "
+                             f"{label(col_f, col_label, r['point'].values)}".strip(), r["curve"])
+                            for r in rows],
                            title=f"{name}: loss of every cell")
     first = rows[0]["manifest"] if rows else {}
     manifest = {
         "figure": name, "title": TITLES[name], "mode": mode, "size": size, "steps": steps,
-        "alpha_scale": alpha_scale,
         "command": [sys.executable, *sys.argv],
         "seed": cfg.seed,
         "config": json.loads(records.dumps(cfg.to_dict())),

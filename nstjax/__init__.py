@@ -2,7 +2,8 @@
 
 The public, pure API:
 
-- :func:`load_vgg19` -> Flax params of the pretrained VGG-19 conv layers;
+- :func:`load_vgg19` -> Flax params of the pretrained VGG-19 conv layers; :func:`load_network`
+  -> those or Gatys et al.'s normalised network (``"vgg19_normalized"``), with their record;
 - :func:`features` (params, image, layers, pooling) -> dict of activations;
 - :func:`gram`, :func:`content_loss`, :func:`style_loss`, :func:`tv_loss`, :func:`loss_terms`;
 - :func:`run_steps`, the compiled optimisation loop; :func:`run`, a whole run with its files;
@@ -29,6 +30,7 @@ _LAZY = {
     **dict.fromkeys(("OptimizerSpec", "init_image", "run_steps"), "nstjax.optimize"),
     **dict.fromkeys(("LAYERS", "features"), "nstjax.vgg"),
     **dict.fromkeys(("load_vgg19", "load_vgg19_with_info"), "nstjax.weights"),
+    "load_network": "nstjax.network",
     **dict.fromkeys(("stylize", "stylize_sweep"), "nstjax.notebook"),
 }
 
@@ -60,6 +62,6 @@ def run_sweep(*args, **kwargs):
 
 
 __all__ = ["LAYERS", "Objective", "OptimizerSpec", "compute_targets", "content_loss", "features",
-           "gram", "init_image", "load_vgg19", "load_vgg19_with_info", "loss_terms",
+           "gram", "init_image", "load_network", "load_vgg19", "load_vgg19_with_info", "loss_terms",
            "objective_weights", "run", "run_steps", "run_sweep", "style_loss", "stylize",
            "stylize_sweep", "tv_loss"]

@@ -29,7 +29,7 @@ import numpy as np
 from nstjax import images, multiscale, records
 from nstjax.checkpoint import Checkpoints, RunState
 from nstjax.config import RunSpec, chunk_length
-from nstjax.errors import UserError
+from nstjax.errors import UserError, WeightsError
 from nstjax.losses import Objective
 from nstjax.output import write_output
 from nstjax.loop import JudgeInputs, PointResult, Sink, StageInputs, Timing, optimise
@@ -76,8 +76,16 @@ class Context:
     should_stop: Callable[[], bool] | None = None
     t_start: float = dataclasses.field(default_factory=time.time)
 
+    # The plain VGG-19's params, which the judge scores every point with (so that a sweep over
+    # ``network`` is judged by one network); None = ``params``.
+    judge_params: Any = None
+
     def __post_init__(self):
         self.params_on_devices = self.programs.devices.replicate(self.params)
+        if self.judge_params is None or self.judge_params is self.params:
+            self.judge_params, self.judge_on_devices = self.params, self.params_on_devices
+        else:
+            self.judge_on_devices = self.programs.devices.replicate(self.judge_params)
 
 
 def fingerprint(cfg: ml_collections.ConfigDict, problem: Problem) -> dict:
@@ -247,9 +255,14 @@ class BatchResult:
 
 def _problems(points: list[_Point], k: int, ctx: Context, objective: Objective, prev: list | None,
               cache: dict) -> list[Problem]:
-    return [load_problem(p.stages[k], ctx.params, ctx.weights_info, objective=objective, cache=cache,
-                         init_array=None if prev is None else prev[j])
-            for j, p in enumerate(points)]
+    problems = [load_problem(p.stages[k], ctx.params, ctx.weights_info, objective=objective,
+                             cache=cache, init_array=None if prev is None else prev[j])
+                for j, p in enumerate(points)]
+    for pr in problems:  # load_problem converts params of another network: then the steps would not
+        if pr.params is not ctx.params:  # run on the params the targets came from
+            raise WeightsError(f"the batch's params are not the {pr.spec.network} network its "
+                               "points use (nstjax.network.load_network makes them)")
+    return problems
 
 
 def _find_start(points: list[_Point], ctx: Context, objective: Objective, cache: dict):
@@ -425,9 +438,10 @@ def _judge_inputs(points: list[_Point], ctx: Context, slots: int, cache: dict) -
     spec = points[0].job.spec
     if spec.judge is None:
         return None
-    targets = [load_judge(p.job.spec, ctx.params, cache) for p in points]
+    targets = [load_judge(p.job.spec, ctx.judge_params, cache) for p in points]
     return JudgeInputs(ctx.programs.devices.shard(_stack(_padded(targets, slots))),
-                       judging.objective(spec.objective.regions), judge_shape(spec), spec.judge.every)
+                       judging.objective(spec.objective.regions), judge_shape(spec), spec.judge.every,
+                       ctx.judge_on_devices)
 
 
 def stage_inputs(programs: Programs, params_on_devices, problems: list[Problem], slots: int,

@@ -20,6 +20,7 @@ from nstjax.judge import JudgeSpec
 from nstjax.judge import defaults as judge_defaults
 from nstjax.judge import validate as validate_judge
 from nstjax.losses import Objective
+from nstjax.network import check_network
 from nstjax.optimize import INITS, OptimizerSpec
 
 STYLE_LAYERS_5 = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -55,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     # position and channel (jcjohnson), i.e. "mean" / N^2, which evens out the layers' scales.
     c.gram_norm = "chw"
     c.pooling = "max"  # "max" or "avg"
+    # "vgg19": the ImageNet weights as trained; "vgg19_normalized": rescaled so each filter's mean
+    # activation over a set of photographs is 1, as Gatys et al. did (nstjax/network.py).
+    c.network = "vgg19"
     # Optimisation.
     c.init = "content"  # "noise", "content", "style", "gray", or an image path
     c.seed = 0
@@ -118,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
     # marks the content region that style image paints. Empty = the whole image, styles blended.
     c.content_masks = ""
     c.style_masks = ""  # optional masks of the style images (which part of each to take); empty = all
+    # Scale control (Gatys et al. 2017): one index into the `style` list per style layer, the image
+    # that layer's statistics come from (coarse layers from one painting, fine from another).
+    # Empty = every layer from the blend of all the style images.
+    c.style_layer_images = ()
     return c
 
 
@@ -157,6 +165,8 @@ class RunSpec:
     content_masks: tuple[str, ...] = ()
     style_masks: tuple[str, ...] = ()
     normalize_gradients: bool = False
+    network: str = "vgg19"  # which VGG-19 (nstjax.network.NETWORKS)
+    style_layer_images: tuple[int, ...] = ()  # per style layer, its style image's index
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # weights become float32 in the compiled loss
@@ -385,9 +395,32 @@ def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSp
                               hist_layers=hist_layers, regions=len(content_masks))
     spec = dataclasses.replace(
         spec, objective=obj, hist_weight=hist_weight, hist_layer_weights=hlw, preserve_color=preserve,
-        color_space=space, content_masks=content_masks, style_masks=style_masks)
+        color_space=space, content_masks=content_masks, style_masks=style_masks,
+        network=check_network(_str(cfg, "network")))
+    spec = dataclasses.replace(spec, style_layer_images=_style_layer_images(cfg, spec))
     multiscale.stages(spec)  # checks scales against size and scale_steps
     return spec
+
+
+def _style_layer_images(cfg: ml_collections.ConfigDict, spec: RunSpec) -> tuple[int, ...]:
+    """Scale control: one index into the style images per style layer, or empty."""
+    given = _ints(cfg, "style_layer_images")
+    if not given:
+        return ()
+    layers, n = spec.objective.style_layers, len(spec.styles)
+    if len(given) != len(layers):
+        raise ConfigError(f"style_layer_images has {len(given)} entries for {len(layers)} style "
+                          "layers (one style image index per style layer)")
+    if max(given) >= n:
+        raise ConfigError(f"style_layer_images names style image {max(given)}, but there "
+                          f"{'is' if n == 1 else 'are'} {n} (indices 0..{n - 1} of config.style)")
+    if spec.content_masks:
+        raise ConfigError("style_layer_images cannot be combined with content_masks (each region "
+                          "has its own style image)")
+    if spec.style_blend:
+        raise ConfigError("style_layer_images cannot be combined with style_blend (each style "
+                          "layer takes one image, not a blend)")
+    return given
 
 
 def chunk_length(spec: RunSpec) -> int:

@@ -52,6 +52,7 @@ class JudgeInputs:
     obj: Objective
     shape: tuple[int, int]
     every: int = 0  # also judge every N steps of the stage (0: at the end only)
+    params: Any = None  # the plain VGG-19's (replicated), whatever network the points run on
 
 
 @dataclasses.dataclass
@@ -142,7 +143,7 @@ def _judge(programs: Programs, batch: StageInputs, sinks: list[Sink], x_h: np.nd
     devs, j = programs.devices, batch.judge
     outs = [sink.output(x_h[i]) for i, sink in enumerate(sinks)]
     outs += outs[-1:] * (x_h.shape[0] - len(outs))  # the padding slots
-    got = programs.judge(batch.params, j.targets, devs.shard(np.stack(outs).astype(np.float32)),
+    got = programs.judge(j.params, j.targets, devs.shard(np.stack(outs).astype(np.float32)),
                          obj=j.obj, shape=j.shape)
     got = {k: devs.host(v) for k, v in got.items()}
     return [{k: float(got[k][i]) for k in sink.judge_names} for i, sink in enumerate(sinks)]

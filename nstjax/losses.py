@@ -304,8 +304,8 @@ def objective_weights(obj: Objective, content_weight, style_weight, tv_weight,
 
 def compute_targets(params, obj: Objective, content_image, style_images: Sequence,
                     style_blend: Sequence[float] | None = None, *,
-                    content_masks: Sequence | None = None, style_masks: Sequence | None = None
-                    ) -> dict:
+                    content_masks: Sequence | None = None, style_masks: Sequence | None = None,
+                    style_layer_images: Mapping[str, int] | None = None) -> dict:
     """Content activations and blended per-position style Grams, computed once per run.
 
     ``content_image`` and each style image are (H, W, 3) RGB in [0, 255]. Several style images are
@@ -323,6 +323,11 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
     statistics), and ``masks`` {layer: (K, h, w)} holds the masks at each style and histogram
     layer's resolution. ``style_masks`` (optional, with or without regions): one mask per style
     image, shaped like it (None entries = all of it), restricting its statistics to that region.
+
+    ``style_layer_images`` (scale control, Gatys et al. 2017): {style layer: index of a style
+    image}; a layer named there takes its statistics (and its histogram, if it is a histogram layer
+    too) from that image alone, so coarse layers can come from one painting and fine ones from
+    another. The other layers take the blend, as without it. Not with regions.
     """
     targets = {"content": {}, "style": {}}
     if obj.content_layers:
@@ -356,6 +361,13 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
         blend = [1.0] * n_styles if not style_blend else list(style_blend)
         if len(blend) != n_styles:
             raise ConfigError(f"{len(blend)} style blend weights for {n_styles} style images")
+    chosen = dict(style_layer_images or {})
+    if chosen and obj.regions:
+        raise ConfigError("style_layer_images cannot be combined with masked regions")
+    for l, i in chosen.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_styles:
+            raise ConfigError(f"style layer {l} takes style image {i!r}, not one of "
+                              f"0..{n_styles - 1}")
     total = float(sum(blend))
     if total <= 0:
         raise ConfigError("style blend weights must sum to a positive number")
@@ -385,6 +397,8 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
     for l in obj.style_layers:
         if obj.regions:
             targets["style"][l] = stack([_style_statistic(obj, [a[l]], [1.0]) for a in per_style])
+        elif l in chosen:  # scale control: this layer's statistics from one image alone
+            targets["style"][l] = _style_statistic(obj, [per_style[chosen[l]][l]], [1.0])
         else:
             targets["style"][l] = _style_statistic(obj, [a[l] for a in per_style], fractions)
     if obj.hist_layers:
@@ -396,6 +410,8 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
                 raise ConfigError(f"the content image is too small for histogram layer {l}")
             if obj.regions:
                 targets["hist"][l] = jnp.stack([_hist_target([a[l]], [1.0], q) for a in per_style])
+            elif l in chosen:
+                targets["hist"][l] = _hist_target([per_style[chosen[l]][l]], [1.0], q)
             else:
                 targets["hist"][l] = _hist_target([a[l] for a in per_style], fractions, q)
     if obj.regions:

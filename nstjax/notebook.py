@@ -94,10 +94,13 @@ def stylize(content, style, *, workdir: str | os.PathLike | None = None, return_
         cfg.content, cfg.style = c_name, ",".join(s_names)
         spec = validate(cfg)
         check_problem(multiscale.stages(spec)[-1])
-        params, info = _weights(str(cfg.weights_path))
+        from nstjax.network import load_network
+
+        plain = _weights(str(cfg.weights_path))
+        params, info = load_network(spec.network, None, *plain)
         records: list[dict] = []
         ctx = Context(Programs(Devices(jax.local_devices()[:1])), params, info, lambda m: None,
-                      progress=bool(cfg.progress), writer=False)
+                      progress=bool(cfg.progress), writer=False, judge_params=plain[0])
         job = Job(cfg, spec, Path("."), on_record=records.append)
         outcome = run_batch([job], ctx, spec.objective).outcomes[0]
         if outcome.result.bad_terms is not None:

@@ -26,7 +26,8 @@ from nstjax.judge import color_quantiles as judge_color_quantiles
 from nstjax.judge import objective as judge_objective
 from nstjax.losses import Objective, compute_targets, objective_weights
 from nstjax.optimize import INITS, init_image
-from nstjax.weights import WeightsInfo, load_vgg19_with_info
+from nstjax.network import load_network
+from nstjax.weights import WeightsInfo
 
 
 @dataclasses.dataclass
@@ -165,17 +166,20 @@ def load_problem(spec: RunSpec, params=None, weights_info: WeightsInfo | None = 
         inputs["init"] = describe_input(init_path)
     original = content
     content, styles = color.prepare(spec.preserve_color, content, styles, spec.color_space)
-    if params is None:
-        params, weights_info = load_vgg19_with_info(weights_path or None)
+    # The spec's network: params given are converted if they are not that network already.
+    params, weights_info = load_network(spec.network, weights_path, params, weights_info)
     key = (obj, spec.content, spec.styles, spec.style_blend, spec.preserve_color, spec.color_space,
-           spec.content_masks, spec.style_masks, content.shape, tuple(s.shape for s in styles))
+           spec.content_masks, spec.style_masks, spec.style_layer_images, spec.network,
+           content.shape, tuple(s.shape for s in styles))
     targets = None if cache is None else cache.get(key)
     if targets is None:
         content_masks = [masks.load_mask(p, (cw, ch)) for p in spec.content_masks] or None
         style_masks = [masks.load_mask(p, (s.shape[1], s.shape[0]))
                        for p, s in zip(spec.style_masks, styles)] or None
+        by_layer = dict(zip(spec.objective.style_layers, spec.style_layer_images)) or None
         targets = compute_targets(params, obj, content, styles, spec.style_blend or None,
-                                  content_masks=content_masks, style_masks=style_masks)
+                                  content_masks=content_masks, style_masks=style_masks,
+                                  style_layer_images=by_layer)
         targets = jax.tree.map(np.asarray, targets)  # host copies: stacked per batch
         memory.release_free_memory()  # the targets' forward passes are done
         if cache is not None:

@@ -57,6 +57,7 @@ from nstjax.problem import plan_rows, union_objective
 from nstjax.programs import Devices, Programs
 from nstjax.sweep import NonFinitePoints, describe, expand, is_sweep, plan, ranges
 from nstjax.sweep_files import point_dir, sweep_record, write_outputs
+from nstjax.network import load_network
 from nstjax.weights import WeightsInfo, load_vgg19_with_info
 from nstjax.workdir import (LOCK_FILE, clear_run, inspect_workdir, is_done, prepare_dir,
                             prepare_sweep_dir, workdir_lock)
@@ -162,13 +163,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
                 # The largest stage must fit, its rows split over devices if one does not hold it.
                 planned = plan_rows(multiscale.stages(spec)[-1], len(jax.local_devices()), log)
                 spec = dataclasses.replace(spec, devices_per_image=planned.devices_per_image)
-                if params is None:
-                    params, weights_info = load_vgg19_with_info(str(cfg.weights_path) or None)
+                plain = load_network("vgg19", str(cfg.weights_path), params, weights_info)
+                params, weights_info = load_network(spec.network, str(cfg.weights_path), *plain)
                 if plan_ == "overwrite":
                     clear_run(workdir)
                 rows = spec.devices_per_image
                 ctx = Context(Programs(Devices(jax.local_devices()[:rows], rows)), params, weights_info, log,
-                              progress=bool(cfg.progress), should_stop=stop, t_start=t_start)
+                              progress=bool(cfg.progress), should_stop=stop, t_start=t_start,
+                              judge_params=plain[0])
                 result = run_batch([Job(cfg, spec, workdir, resume=plan_ == "resume")], ctx, objective,
                                    slots)
         except (UserError, OSError):  # OSError: a full disk, an unusable cache directory
@@ -322,9 +324,14 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
     if todo:
         if params is None:
             params, weights_info = load_vgg19_with_info(str(todo[0].config.weights_path) or None)
-        ctx = Context(Programs(devs), params, weights_info, say, progress=bool(cfg.get("progress", False)),
-                      writer=writer, should_stop=_AgreedStop(stop) if devs.multihost else stop)
+        ctx, programs = None, Programs(devs)
         for b in batches:
+            # Each batch's network (a sweep axis over it changes the params: other batches)
+            net = load_network(b.points[0].spec.network, None, params, weights_info)
+            if ctx is None or ctx.params is not net[0]:
+                ctx = Context(programs, *net, say, progress=bool(cfg.get("progress", False)),
+                              writer=writer, should_stop=_AgreedStop(stop) if devs.multihost else stop,
+                              judge_params=params)
             if b.split_reason:
                 say(f"batch {b.index} runs its {len(b.points)} points in {b.n_chunks} chunks of "
                     f"{b.chunk_size}, one compiled program ({b.split_reason})")

@@ -59,7 +59,8 @@ TRACED_FIELDS = ("content_layers", "content_layer_weights", "style_layers", "sty
                  "content_weight", "style_weight", "tv_weight", "normalize_gradients", "seed", "init",
                  "progress", "hist_layers", "hist_layer_weights", "hist_weight",
                  "content", "style", "style_blend", "style_scale", "style_resize", "content_masks",
-                 "style_masks", "preserve_color", "color_space", "print_every", "output", "output_bits")
+                 "style_masks", "preserve_color", "color_space", "print_every", "output", "output_bits",
+                 "style_layer_images")
 # summary.csv's columns besides the swept fields and the loss terms. A swept field's column is its
 # config field's name (dotted for a nested one), so none of these may be a config field's name:
 # the steps done are "steps_done" because "steps" is a field (tests/test_sweep.py checks them all).

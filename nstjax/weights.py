@@ -81,6 +81,11 @@ class WeightsInfo:
     # (wheel, .bin, converted .npz) they were read; else the file read itself (.h5, another .npz).
     sha256: str
     params_sha256: str = ""  # params_sha256() of the arrays actually used
+    # Which network those arrays are (nstjax.network): "vgg19", the ImageNet weights as trained, or
+    # "vgg19_normalized", rescaled to mean activation 1 per filter; with the sha256 of the shipped
+    # scale factors that rescaled them.
+    network: str = "vgg19"
+    normalization_sha256: str = ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -204,6 +204,7 @@ def test_shipped_configs_validate(name):
         assert run.objective.pooling == "avg" and run.init == "noise"
         assert run.content_weight / run.style_weight == pytest.approx(1e-3)
         assert run.style_layer_weights == (0.2,) * 5
+        assert run.network == "vgg19_normalized"  # what the paper's alpha/beta are for
 
 
 def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path):

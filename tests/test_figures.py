@@ -64,3 +64,33 @@ def test_a_missing_image_folder_is_one_line_and_exit_2(tmp_path, capsys):
     code = figures.main(["styles", "--quick", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no image folder" in err, err
+
+
+# The paper's remaining figures (CVPR 2016 Figs. 5 and 6) and the two networks side by side: each
+# one command writing its CSV and its image (64 px, 4 steps: what is checked is the plumbing).
+NEW_FIGURES = {
+    "init": ("init", ["content", "style", "noise", "noise", "noise", "noise"]),
+    "content_layer": ("content_layers", ["relu2_2", "relu4_2"]),
+    "networks": ("network", ["vgg19_normalized", "vgg19_normalized", "vgg19", "vgg19"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_FIGURES))
+def test_each_new_figure_is_one_command_writing_its_csv_and_image(name, tmp_path, image_dir):
+    column, values = NEW_FIGURES[name]
+    out = tmp_path / name
+    args = [name, "--quick", "--set", "size=64", "--set", "steps=4", "--out", str(out),
+            "--images", str(image_dir)]
+    assert _figures().main(args) == 0
+    rows = list(csv.DictReader((out / "losses.csv").open()))
+    assert [r[column] for r in rows] == values
+    assert all(r["status"] == "finished" and r["steps_done"] == "4" for r in rows)
+    if name == "init":  # four white-noise images: four seeds
+        assert [r["seed"] for r in rows if r["init"] == "noise"] == ["0", "1", "2", "3"]
+    if name == "networks":  # each cell ran on (and recorded) its own network
+        cells = json.loads((out / "manifest.json").read_text())["cells"]
+        nets = [json.loads((out / c["dir"] / "manifest.json").read_text())["weights"]["network"]
+                for c in cells]
+        assert nets == values
+    im = Image.open(out / "figure.png")
+    assert im.width >= 2 * 64 and im.height > 64
