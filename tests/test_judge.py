@@ -21,6 +21,7 @@ def _config(image_dir, **fields):
     c.style = str(image_dir / "starry_night.jpg")
     c.size, c.steps, c.chunk, c.log_every, c.progress = 64, 6, 3, 3, False
     c.checkpoint_every = 0
+    c.judge.enabled = True  # (tests/conftest.py starts configs without it)
     c.judge.size = 128
     for k, v in fields.items():
         setattr(c, k, v)
