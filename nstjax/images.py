@@ -9,6 +9,7 @@ decompression bombs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -46,9 +47,9 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
     Raises :class:`ImageError`, and nothing else, for any file that cannot be used: PIL's decoders
     raise many kinds of exception on malformed data, and all of them mean the same to a user."""
     if str(path) == BUILTIN_CONTENT:
-        return builtin_content()
+        return builtin_content().copy()
     if str(path) == BUILTIN_STYLE:
-        return builtin_style()
+        return builtin_style().copy()
     if str(path).startswith(MEMORY):
         if str(path) not in _IN_MEMORY:
             raise ImageError(f"{path}: no such image in memory (names are valid during the call that made them)")
@@ -195,6 +196,7 @@ def save_png(path: str | os.PathLike, image) -> None:
 # The built-in pair: a photo that matplotlib ships, and a painting this code makes.
 
 
+@functools.lru_cache(maxsize=1)
 def builtin_content() -> Image.Image:
     """Grace Hopper's portrait (US Navy photo, public domain), shipped in matplotlib's sample data."""
     import matplotlib.cbook
@@ -203,6 +205,7 @@ def builtin_content() -> Image.Image:
         return _to_rgb(Image.open(f))
 
 
+@functools.lru_cache(maxsize=2)  # drawn once per process: 0.6 s of Python, asked for twice a run
 def builtin_style(size: int = 512, seed: int = 1889) -> Image.Image:
     """A swirling brush-stroke painting drawn here: short strokes that follow a field of vortices,
     in a night-sky palette of blues with bursts of yellow. Deterministic for a given seed."""

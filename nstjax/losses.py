@@ -79,6 +79,13 @@ def _gram_sum(f: jax.Array) -> jax.Array:
     """F^T F of (M, C) activations. Its gradient is one product, F (dG + dG^T), where JAX's
     transpose of the einsum makes two (F dG and F dG^T, each as large as F: 201 MB at relu1_1 at
     1024x768) and adds them."""
+    return _gram_in_parts(f)
+
+
+@jax.jit  # one program, also when called eagerly (the targets): op by op, it compiled 14 per layer
+def _gram_in_parts(f: jax.Array) -> jax.Array:
+    """F^T F summed over the positions in :data:`GRAM_PARTS` parts added pairwise: a fixed order
+    whatever devices hold the rows (nstjax/programs.py splits an image's rows over devices)."""
     m = f.shape[0]
     if m % GRAM_PARTS:
         return jnp.einsum("mc,md->cd", f, f, precision=jax.lax.Precision.HIGHEST)

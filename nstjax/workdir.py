@@ -217,7 +217,11 @@ def prepare_sweep_dir(workdir: Path, point_configs: list, overwrite: bool) -> No
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"workdir {workdir} has an unreadable sweep.json; pass --overwrite to "
                             "start the sweep afresh") from None
-        if old_points != [_config_record(c) for c in point_configs]:
+        def result_changing(d: dict) -> dict:  # as a run's resume compares them
+            return {k: v for k, v in d.items() if k not in RESULT_NEUTRAL_FIELDS}
+
+        if ([result_changing(d) for d in old_points]
+                != [result_changing(_config_record(c)) for c in point_configs]):
             raise UserError(f"workdir {workdir} holds a different sweep (sweep.json); pass --overwrite "
                             "to replace it or choose another --workdir")
 
