@@ -53,7 +53,7 @@ from nstjax.batch import Context, Job, run_batch
 from nstjax.config import validate
 from nstjax.errors import RunInterrupted, UserError
 from nstjax.output import check_output
-from nstjax.problem import plan_rows, union_objective
+from nstjax.problem import plan_rows
 from nstjax.programs import Devices, Programs
 from nstjax.sweep import NonFinitePoints, describe, expand, is_sweep, plan, ranges
 from nstjax.sweep_files import point_dir, sweep_record, write_outputs
@@ -150,10 +150,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
     workdir = Path(workdir)
     objective, slots = spec.objective, 1
     if batch_context:
-        objective = union_objective([spec])
-        objective = objective.__class__(**{**objective.__dict__, **{
-            f: tuple(batch_context.get(f"union_{f}", getattr(objective, f)))
-            for f in ("content_layers", "style_layers", "hist_layers")}})
+        objective = dataclasses.replace(spec.objective, **{
+            f: tuple(batch_context.get(f"union_{f}", getattr(spec.objective, f)))
+            for f in ("content_layers", "style_layers", "hist_layers")})
         slots = int(batch_context.get("chunk_slots", 1))
     with StopSignals(handle_signals, log) as stop:
         created = prepare_dir(workdir)

@@ -213,22 +213,15 @@ def test_the_field_is_a_validated_traced_bool():
 
 
 def small_sweep(image_dir):
-    c = base_config()
-    c.content = str(image_dir / "tubingen.jpg")
-    c.style = str(image_dir / "starry_night.jpg")
-    c.size = 64
-    c.steps = 6
-    c.chunk = 3
-    c.log_every = 3
-    c.progress = False
-    c.content_layers = ("relu2_2",)
+    from tests.test_sweep import small_config
+
+    c = small_config(image_dir, axes=(("normalize_gradients", (False, True)),))
     c.style_layers = ("relu1_1", "relu2_1", "relu3_1")
     c.content_weight = 5.0  # neural-style's defaults, whose scale assumes normalised gradients
     c.style_weight = 100.0
     # neural-style's default start. From the content, L-BFGS's curvature estimate from normalised
     # gradients makes its 4th step overshoot (the loss x70) before it recovers (docs/extensions.md).
     c.init = "noise"
-    c.sweep.axes = (("normalize_gradients", (False, True)),)
     return c
 
 
