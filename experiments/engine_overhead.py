@@ -19,6 +19,7 @@ seconds (median gap between metrics lines, chunks of 10 logged every 10) and pea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -38,7 +39,7 @@ def _gaps(metrics: Path) -> list[float]:
     compiles)."""
     recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = [(r["step"], r["elapsed_s"]) for r in recs if r.get("steps_per_s") is not None]
-    return [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(steps[1:], steps[2:])]
+    return [(b[1] - a[1]) / (b[0] - a[0]) for a, b in itertools.pairwise(steps[1:])]
 
 
 def cli(args) -> dict:

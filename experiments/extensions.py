@@ -50,11 +50,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nstjax import color, features, histogram, images, records  # noqa: E402
-from nstjax.sweep_files import term_column  # noqa: E402
-from nstjax.config import base_config  # noqa: E402
-from nstjax.run import run  # noqa: E402
-from nstjax.weights import load_vgg19_with_info  # noqa: E402
+from nstjax import color, features, histogram, images, records  # noqa: E402 - after the sys.path line
+from nstjax.config import base_config  # noqa: E402 - after the sys.path line
+from nstjax.run import run  # noqa: E402 - after the sys.path line
+from nstjax.sweep_files import term_column  # noqa: E402 - after the sys.path line
+from nstjax.weights import load_vgg19_with_info  # noqa: E402 - after the sys.path line
 
 SHARED = ROOT.parent / "shared" / "images"
 MEASURE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")

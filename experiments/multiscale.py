@@ -42,11 +42,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/multiscale")
     args = ap.parse_args(argv)
 
+    import importlib.util
+
     from nstjax import records
     from nstjax.run import run
     from nstjax.weights import load_vgg19_with_info
-
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("cfg", args.config)
     mod = importlib.util.module_from_spec(spec)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -117,7 +116,7 @@ def run_pastiche(torch_python: Path, pixels: np.ndarray, pooling: str, workdir: 
     np.save(pixels_path, pixels)
     proc = subprocess.run(
         [str(torch_python), "-c", TORCH_SNIPPET, str(pixels_path), str(out_path), pooling, ",".join(LAYER_MAP)],
-        capture_output=True, text=True)
+        capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"pastiche subprocess ({torch_python}) failed with exit code {proc.returncode}")

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     args = ap.parse_args()
     import jax
+
     from nstjax import aot, memory
     from nstjax.batch import stage_inputs
     from nstjax.config import base_config, chunk_length, validate

@@ -31,7 +31,7 @@ CONFIG = "configs/ablation_style_layers.py:quick"
 def nstjax(*args: str) -> float:
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "nstjax", *args], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     if r.returncode != 0:
         sys.exit(f"nstjax {' '.join(args)} failed:\n{r.stderr}")
     return time.time() - t

@@ -11,7 +11,8 @@ runs it. Elsewhere the release is a no-op and this is jit's own cache in front o
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

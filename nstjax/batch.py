@@ -18,8 +18,9 @@ import json
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +28,13 @@ import ml_collections
 import numpy as np
 
 from nstjax import images, multiscale, records
+from nstjax import judge as judging
 from nstjax.checkpoint import Checkpoints, RunState
 from nstjax.config import RunSpec, chunk_length
 from nstjax.errors import UserError, WeightsError
+from nstjax.loop import JudgeInputs, PointResult, Sink, StageInputs, Timing, optimise
 from nstjax.losses import Objective
 from nstjax.output import write_output
-from nstjax.loop import JudgeInputs, PointResult, Sink, StageInputs, Timing, optimise
-from nstjax import judge as judging
 from nstjax.problem import Problem, judge_shape, load_judge, load_problem
 from nstjax.programs import Devices, Programs
 from nstjax.workdir import CHECKPOINT_DIR, RESULT_NEUTRAL_FIELDS, remove_stale_temporaries
@@ -198,7 +199,7 @@ class _Point:
                 "elapsed_s": self.elapsed_before + time.time() - self.ctx.t_start}
         try:
             self.ckpts.save(state, meta)
-        except Exception as e:  # a full disk must not end the run: its outputs matter more
+        except Exception as e:  # noqa: BLE001 - a full disk must not end the run: its outputs matter more
             self.ctx.log(f"warning: could not save a checkpoint at step {state.step} in "
                          f"{self.ckpts.directory} ({' '.join(str(e).split())[:200]}); going on")
 

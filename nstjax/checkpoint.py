@@ -36,8 +36,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -279,7 +280,7 @@ class Checkpoints:
                     return self._restore_step(step, template, check_meta)
             except UserError:
                 raise
-            except Exception as e:  # orbax/tensorstore raise many kinds on damaged files
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on damaged files
                 why = " ".join(str(e).split())[:200] or type(e).__name__
                 moved = self._set_aside(step)
                 self.log(f"checkpoint at step {step} is damaged ({why}); moved it to {moved} "

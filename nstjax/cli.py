@@ -114,7 +114,7 @@ def _config_file_parser() -> type:
                 config = get_config(*arg)
             except ConfigFileError:
                 raise
-            except Exception as e:  # the config file is user code: any error in it is the user's to fix
+            except Exception as e:  # noqa: BLE001 - the config file is user code: any error in it is the user's
                 raise ConfigFileError(describe_config_error(file, e)) from None
             if not isinstance(config, ml_collections.ConfigDict):
                 missing = " (is its return missing?)" if config is None else ""
@@ -227,14 +227,14 @@ def _parse(argv: list[str]):
     try:
         fv = make_flags(argv)
         fv(argv)
-        fv.config  # loads the file and applies the overrides
+        fv.config  # noqa: B018 - the access loads the file and applies the overrides
     except ConfigFileError as e:
         return None, _fail(e)
     except flags.Error as e:
         return None, _fail(e)
     except (AttributeError, KeyError) as e:
         return None, _fail(_unknown_field(e, argv))
-    except Exception as e:  # an override that does not fit the config, say
+    except Exception as e:  # noqa: BLE001 - an override that does not fit the config, say
         return None, _fail(f"bad --config: {type(e).__name__}: {e}")
     if not fv.workdir and not fv.replay and not fv.dry_run:
         return None, _fail("--workdir is required (the directory for the run's outputs)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import ml_collections
 
 from nstjax import multiscale, vgg
@@ -303,7 +304,7 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         if k in o and not 0.0 <= o[k] < 1.0:
             raise ConfigError(f"optimizer.{k} must be in [0, 1), not {o[k]!r}")
     try:
-        spec = OptimizerSpec(**{k: o[k] for k in o.keys()})
+        spec = OptimizerSpec(**{k: o[k] for k in o})
     except TypeError as e:
         raise ConfigError(f"bad optimizer settings: {e}") from None
     styles = _paths(cfg, "style")

@@ -84,7 +84,8 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{p}: not an image file PIL can read") from None
     except MemoryError:
         raise ImageError(f"{p}: not enough memory to decode this image") from None
-    except Exception as e:  # truncated or malformed data: OSError, SyntaxError, ValueError, struct.error, ...
+    except Exception as e:  # noqa: BLE001 - truncated or malformed data: OSError, SyntaxError,
+        # ValueError, struct.error, ...
         detail = " ".join(str(e).split()) or type(e).__name__
         raise ImageError(f"{p}: cannot read image ({detail})") from None
 
@@ -155,7 +156,7 @@ def _exif_upright(im: Image.Image) -> Image.Image:
     (a damaged tag should not make a good photo unusable)."""
     try:
         return ImageOps.exif_transpose(im)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a damaged tag raises any kind of error
         return im
 
 

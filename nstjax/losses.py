@@ -34,7 +34,7 @@ Beyond the 2015 paper (all static choices are fields of :class:`Objective`, all 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -495,7 +495,7 @@ def style_term(f: jax.Array, layer: str, targets, weights, obj: Objective) -> ja
         e = jnp.float32(0.0)
         for k in range(obj.regions):
             mask = targets["masks"][layer][k]
-            target_k = jax.tree.map(lambda a: a[k], targets["style"][layer])
+            target_k = jax.tree.map(lambda a, k=k: a[k], targets["style"][layer])
             e_k = _style_layer_loss(f, target_k, obj, masks.region_weights(mask))
             e = e + jnp.where(masks.region_area(mask) > 0, e_k, 0.0)
     else:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from nstjax import records, vgg
 from nstjax.errors import UserError
@@ -188,7 +188,7 @@ def available_bytes(device=None) -> tuple[float | None, str]:
         return min(room) + _own_rss(), "cpu"
     try:
         stats = device.memory_stats() or {}
-    except Exception:  # some backends do not implement it
+    except Exception:  # noqa: BLE001 - some backends do not implement it
         stats = {}
     if "bytes_limit" not in stats:
         return None, "gpu" if device.platform == "gpu" else "other"
@@ -267,7 +267,7 @@ def check_fits(height: int, width: int, layers: Sequence[str], optimizer: str = 
         return
     if platform == "cpu":  # forced host devices share one process and the host's memory
         devices = 1
-    kw = dict(optimizer=optimizer, memory_size=memory_size, chunk_steps=chunk_steps, platform=platform)
+    kw = {"optimizer": optimizer, "memory_size": memory_size, "chunk_steps": chunk_steps, "platform": platform}
     need = per_device(estimate_bytes(height, width, layers, style_shapes=style_shapes, **kw), devices,
                       platform)
     if need <= available:

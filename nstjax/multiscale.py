@@ -17,6 +17,7 @@ losses differ (other size, other targets); (``step``, ``stage``) strictly increa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ def stages(spec) -> list:
     sizes = list(spec.scales) + [spec.size]
     if spec.scales and spec.size == 0:
         raise ConfigError("multi-scale runs need an explicit size (config.size > 0)")
-    if any(s <= 0 for s in spec.scales) or any(a >= b for a, b in zip(sizes, sizes[1:])):
+    if any(s <= 0 for s in spec.scales) or any(a >= b for a, b in itertools.pairwise(sizes)):
         raise ConfigError(f"scales must be positive and increase up to size={spec.size}, not {tuple(spec.scales)}")
     out = [dataclasses.replace(spec, size=s, steps=n, scales=(), scale_steps=())
            for s, n in zip(spec.scales, spec.scale_steps)]

@@ -23,8 +23,9 @@ import copy
 import csv
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -77,14 +78,14 @@ def stylize(content, style, *, workdir: str | os.PathLike | None = None, return_
     """The styled image, float32 (H, W, 3) RGB in 0..255; with ``return_terms``, also the list of
     metrics records (``step``, ``loss``, every term; as ``metrics.jsonl`` holds them). See the
     module doc."""
+    import jax
+
+    from nstjax import multiscale
     from nstjax.batch import Context, Job, run_batch
     from nstjax.config import validate
     from nstjax.errors import UserError
     from nstjax.problem import check_problem
     from nstjax.programs import Devices, Programs
-    from nstjax import multiscale
-
-    import jax
 
     cfg = make_config(config, **overrides)
     styles = _styles(style)

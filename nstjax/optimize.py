@@ -20,8 +20,8 @@ After every step the image is projected back into [0, 255].
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -12,8 +12,8 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -40,7 +40,7 @@ def _font(size: int, bold: bool = False):
         path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans",
                                                                  weight="bold" if bold else "normal"))
         return ImageFont.truetype(path, size)
-    except Exception:  # no matplotlib fonts or no FreeType: PIL's own font
+    except Exception:  # noqa: BLE001 - no matplotlib fonts or no FreeType: PIL's own font
         try:
             return ImageFont.load_default(size=size)
         except TypeError:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,8 @@ from nstjax.errors import UserError
 from nstjax.judge import color_quantiles as judge_color_quantiles
 from nstjax.judge import objective as judge_objective
 from nstjax.losses import Objective, compute_targets, objective_weights
-from nstjax.optimize import INITS, init_image
 from nstjax.network import load_network
+from nstjax.optimize import INITS, init_image
 from nstjax.weights import WeightsInfo
 
 
@@ -276,7 +277,9 @@ def point_weights(union: Objective, spec: RunSpec) -> dict:
                           hist_weight=spec.hist_weight,
                           hist_layer_weights=spec.hist_layer_weights or None,
                           normalize_gradients=spec.normalize_gradients)
-    f32 = lambda x: np.float32(np.asarray(x))  # noqa: E731
+    def f32(x):
+        return np.float32(np.asarray(x))
+
     out = {
         "content_weight": f32(w["content_weight"]), "style_weight": f32(w["style_weight"]),
         "tv_weight": f32(w["tv_weight"]), "normalize_gradients": f32(w["normalize_gradients"]),

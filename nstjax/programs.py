@@ -23,17 +23,17 @@ A batch of one costs what the unbatched chunk costs: measured side by side at 51
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nstjax import aot, judge, optimize
-from nstjax.optimize import unaliased as _unaliased
 from nstjax.errors import UserError
 from nstjax.losses import Objective
 from nstjax.optimize import OptimizerSpec
+from nstjax.optimize import unaliased as _unaliased
 
 
 class Devices:

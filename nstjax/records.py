@@ -17,9 +17,10 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 PACKAGES = ("nstjax", "jax", "jaxlib", "flax", "optax", "numpy", "pillow", "ml-collections",
             "orbax-checkpoint")
@@ -162,11 +163,11 @@ def git_commit() -> str | None:
     here = Path(__file__).resolve().parent.parent
     try:
         r = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                           text=True, timeout=10)
+                           text=True, timeout=10, check=False)
         if r.returncode != 0:
             return None
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return r.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return None

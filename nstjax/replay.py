@@ -15,8 +15,8 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ml_collections
 import numpy as np
@@ -107,7 +107,7 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
     try:
         manifest = records.read_json(mpath)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
-            raise ValueError("no config in it")
+            raise ValueError("no config in it")  # noqa: TRY004 - caught below, as a damaged file
     except (OSError, ValueError) as e:
         raise UserError(f"--replay: cannot read {mpath} ({e})") from None
     status = str(manifest.get("status", ""))

@@ -41,8 +41,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import ml_collections
@@ -52,15 +52,22 @@ from nstjax import hosts, memory, multiscale, records
 from nstjax.batch import Context, Job, run_batch
 from nstjax.config import validate
 from nstjax.errors import RunInterrupted, UserError
+from nstjax.network import load_network
 from nstjax.output import check_output
 from nstjax.problem import plan_rows
 from nstjax.programs import Devices, Programs
 from nstjax.sweep import NonFinitePoints, describe, expand, is_sweep, plan, ranges
 from nstjax.sweep_files import point_dir, sweep_record, write_outputs
-from nstjax.network import load_network
 from nstjax.weights import WeightsInfo, load_vgg19_with_info
-from nstjax.workdir import (LOCK_FILE, clear_run, inspect_workdir, is_done, prepare_dir,
-                            prepare_sweep_dir, workdir_lock)
+from nstjax.workdir import (
+    LOCK_FILE,
+    clear_run,
+    inspect_workdir,
+    is_done,
+    prepare_dir,
+    prepare_sweep_dir,
+    workdir_lock,
+)
 
 
 def _stderr(message: str) -> None:

@@ -38,8 +38,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import ml_collections
 
@@ -443,9 +443,9 @@ def describe(sweep: Sweep, batches: Sequence[Batch], done: Sequence[int], n_devi
              platform: str) -> str:
     """The dry-run listing: every point, and how the points to run will be batched."""
     n = len(sweep.points)
-    lines = [f"sweep: {n} point{'s' * (n != 1)} over {' x '.join(sweep.fields) or '(no fields)'}; "
+    lines = [(f"sweep: {n} point{'s' * (n != 1)} over {' x '.join(sweep.fields) or '(no fields)'}; "
              f"{len(done)} already done, {n - len(done)} to run on {n_devices} {platform} "
-             f"device{'s' * (n_devices != 1)}"]
+             f"device{'s' * (n_devices != 1)}")]
     header = ["#", "dir"] + list(sweep.fields) + ["batch"]
     where = {p.index: b.index for b in batches for p in b.points}
     rows = [[str(p.index), f"points/{p.name}"] + [value_label(v) for v in p.values.values()]

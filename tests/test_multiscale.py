@@ -4,6 +4,7 @@ bit-identical result. Small on purpose: 32 px then 64 px, two style layers."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_a_multiscale_run_logs_each_stage_and_ends_at_full_size(reference):
     assert stages == sorted(stages) and set(stages) == {0, 1}
     sizes = {r["stage"]: tuple(r["size"]) for r in recs}
     assert sizes[0] == (24, 32) and sizes[1] == (48, 64)
-    first = [r for r in recs if r["stage"] == 1][0]
+    first = next(r for r in recs if r["stage"] == 1)
     assert first["step"] == 6 and recs[-1]["step"] == 12 and summary["steps_done"] == 12
     # Each stage lowers its own loss.
     for k in (0, 1):
@@ -100,8 +101,8 @@ def _check_boundary_steps(recs: list[dict], manifest: dict) -> None:
     steps = {s["stage"]: s["steps"] for s in manifest["stages"]}
     assert all(r["step"] == first[r["stage"]] + r["stage_step"] for r in recs)
     keys = [(r["step"], r["stage"]) for r in recs]
-    assert all(a < b for a, b in zip(keys, keys[1:])), keys
-    for a, b in zip(recs, recs[1:]):
+    assert all(a < b for a, b in itertools.pairwise(keys)), keys
+    for a, b in itertools.pairwise(recs):
         if a["step"] == b["step"]:
             assert b["stage"] == a["stage"] + 1 and a["stage_step"] == steps[a["stage"]] and b["stage_step"] == 0
             assert a["size"] != b["size"] and a["loss"] != b["loss"]  # two evaluations, both kept
@@ -123,7 +124,7 @@ def test_the_coarse_stage_gives_the_fine_stage_a_better_start(reference, image_d
     """The upsampled coarse result starts the full-size stage below where the content photo starts."""
     workdir, _ = reference
     recs = records.read_metrics(workdir / "metrics.jsonl")
-    fine_start = [r for r in recs if r["stage"] == 1][0]["loss"]
+    fine_start = next(r for r in recs if r["stage"] == 1)["loss"]
     params, info = weights
     single = run(_cfg(image_dir, scales=(), scale_steps=(), steps=1), tmp_path / "single", params=params,
                  weights_info=info, handle_signals=False, log=lambda m: None)

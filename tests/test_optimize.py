@@ -45,7 +45,7 @@ def test_chunks_continue_where_they_stopped(problem, tubingen):
     params, targets, weights = problem
     spec = OptimizerSpec("lbfgs")
     x0 = init_image("content", jax.random.PRNGKey(0), tubingen)
-    a, sa, *_ = run_steps(params, targets, weights, x0, spec.build().init(x0), obj=OBJ, spec=spec,
+    a, _sa, *_ = run_steps(params, targets, weights, x0, spec.build().init(x0), obj=OBJ, spec=spec,
                           n_steps=10)
     b, sb, *_ = run_steps(params, targets, weights, x0, spec.build().init(x0), obj=OBJ, spec=spec,
                           n_steps=5)

@@ -7,7 +7,6 @@ Small and fast on purpose: 64 px, two style layers, 60 steps in 5-step chunks, a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -32,7 +31,7 @@ def _cmd(image_dir: Path, workdir: Path, *extra) -> list[str]:
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=False, **kw)
 
 
 def _start_and_signal(cmd, workdir: Path, sig: int) -> tuple[int, str]:
@@ -42,11 +41,11 @@ def _start_and_signal(cmd, workdir: Path, sig: int) -> tuple[int, str]:
     while not (workdir / "checkpoints" / "10").is_dir():
         if p.poll() is not None or time.time() > deadline:
             p.kill()
-            out, err = p.communicate()
+            _out, err = p.communicate()
             pytest.fail(f"the run ended before its first checkpoint: rc={p.returncode} {err}")
         time.sleep(0.01)
     p.send_signal(sig)
-    out, err = p.communicate(timeout=300)
+    _out, err = p.communicate(timeout=300)
     return p.returncode, err
 
 

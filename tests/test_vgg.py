@@ -220,5 +220,5 @@ def test_importing_nstjax_starts_no_jax_backend():
     code = ("import nstjax, nstjax.sweep, nstjax.cli\n"
             "from jax._src import xla_bridge\n"
             "assert not xla_bridge._backends, 'a JAX backend was started at import'\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
