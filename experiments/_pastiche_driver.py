@@ -2,8 +2,10 @@
 torch and pastiche); nstjax never imports this file, and it imports nothing from nstjax.
 
     python _pastiche_driver.py info
-    python _pastiche_driver.py run   --content C --style S --size N --steps 60,300 --t0 T --out R.json [--save-dir D]
-    python _pastiche_driver.py judge --content C --style S --size N --images a.png,b.png --out R.json
+    python _pastiche_driver.py run   --content C --style S --size N --steps 60,300 --t0 T
+        --out R.json [--save-dir D]
+    python _pastiche_driver.py judge --content C --style S --size N --images a.png,b.png
+        --out R.json
 
 ``run`` builds ``PasticheArtist(content, [style], size=N)`` with every other argument at its default
 (max pooling, L-BFGS with lr 1 and one evaluation per step, the content photo as the start, the
@@ -35,9 +37,11 @@ def _versions() -> dict:
     import torch
     from pastiche import pastiche as pp
 
-    return {"torch": torch.__version__, "pastiche": pp.__version__, "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(), "python": sys.version.split()[0],
-            "pastiche_path": os.path.dirname(pastiche.__file__), "executable": sys.executable}
+    return {"torch": torch.__version__, "pastiche": pp.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "python": sys.version.split()[0], "pastiche_path": os.path.dirname(pastiche.__file__),
+            "executable": sys.executable}
 
 
 def _artist(content: str, style: str, size: int):
@@ -93,8 +97,8 @@ def cmd_judge(a) -> dict:
 
     artist = _artist(a.content, a.style, a.size)
     out = {"versions": _versions(), "content_size_hw": list(artist.content_size),
-           "style_sizes_hw": [list(s) for s in artist.style_sizes], "content_loss_at_start": artist.loss,
-           "losses": {}}
+           "style_sizes_hw": [list(s) for s in artist.style_sizes],
+           "content_loss_at_start": artist.loss, "losses": {}}
     for png in [p for p in a.images.split(",") if p]:
         x = load_image(png, size=tuple(artist.content_size))
         artist.pastiche = x

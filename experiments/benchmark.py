@@ -99,9 +99,11 @@ def machine_info() -> dict:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=False).stdout.strip()
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, check=False)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               check=False).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
     except OSError:
         return None
@@ -162,7 +164,8 @@ def tail(path: str | Path, n: int = 15) -> str:
 
 def nstjax_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                     else "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Every nstjax run compiles from scratch, as it did before the persistent compilation cache
     # and as pastiche's first run does its own set-up: first-step and time-to-quality figures stay
@@ -223,7 +226,8 @@ def gram_flops(height: int, width: int, style_layers) -> int:
 # Inputs: resized as pastiche resizes
 
 
-def pastiche_size(w: int, h: int, size: int | None = None, pixels: int | None = None) -> tuple[int, int]:
+def pastiche_size(w: int, h: int, size: int | None = None,
+                  pixels: int | None = None) -> tuple[int, int]:
     """(width, height) that pastiche 1.6.0's ``load_image`` resizes a w x h image to."""
     if size is not None:
         if w > h:
@@ -375,8 +379,8 @@ def throughput(cfg, reps: int, chunks: list[int]) -> dict:
         box = {"x": problem.image, "state": state}
 
         def call(box=box, opt=opt, n=n):
-            out = run_steps(problem.params, problem.targets, problem.weights, box["x"], box["state"],
-                            obj=obj, spec=opt, n_steps=n)
+            out = run_steps(problem.params, problem.targets, problem.weights, box["x"],
+                            box["state"], obj=obj, spec=opt, n_steps=n)
             box["x"], box["state"] = out[0], out[1]
             return out
 
@@ -399,7 +403,8 @@ def throughput(cfg, reps: int, chunks: list[int]) -> dict:
 def pastiche_available(py: str) -> tuple[bool, str]:
     if not py or not Path(py).exists():
         return False, f"{py!r} does not exist"
-    r = subprocess.run([py, str(DRIVER), "info"], capture_output=True, text=True, env=torch_env(), check=False)
+    r = subprocess.run([py, str(DRIVER), "info"], capture_output=True, text=True, env=torch_env(),
+                       check=False)
     if r.returncode != 0:
         return False, (r.stderr.strip().splitlines() or ["import failed"])[-1]
     return True, r.stdout.strip()
@@ -456,10 +461,10 @@ def run_nstjax(size: int, steps: int, inputs: dict, overrides: list[str], out: P
                log_every: int = 1) -> dict:
     """The nstjax CLI in a fresh process; per-step (seconds since launch, loss)."""
     workdir = out / f"nstjax_{tag}"
-    cmd = [sys.executable, "-m", "nstjax", f"--config={CONFIG}", f"--workdir={workdir}", "--overwrite",
-           f"--config.content={inputs['content']}", f"--config.style={inputs['style']}",
-           f"--config.size={size}", f"--config.steps={steps}", f"--config.log_every={log_every}",
-           "--config.progress=False"]
+    cmd = [sys.executable, "-m", "nstjax", f"--config={CONFIG}", f"--workdir={workdir}",
+           "--overwrite", f"--config.content={inputs['content']}",
+           f"--config.style={inputs['style']}", f"--config.size={size}", f"--config.steps={steps}",
+           f"--config.log_every={log_every}", "--config.progress=False"]
     cmd += [f"--config.{o}" for o in list(inputs["overrides"]) + list(overrides)]
     metrics = workdir / "metrics.jsonl"
     if workdir.exists():
@@ -505,7 +510,8 @@ def judge(py: str, inputs: dict, size: int, pngs: list[str], out: Path) -> dict:
     res_path = out / "judge.json"
     res_path.unlink(missing_ok=True)
     cmd = [py, str(DRIVER), "judge", "--content", inputs["content_source"], "--style",
-           inputs["style_source"], "--size", str(size), "--images", ",".join(pngs), "--out", str(res_path)]
+           inputs["style_source"], "--size", str(size), "--images", ",".join(pngs), "--out",
+           str(res_path)]
     proc = run_child(cmd, out / "logs" / "judge.log", env=torch_env())
     if proc["rc"] != 0 or not res_path.exists():
         raise RuntimeError(f"pastiche judge failed (exit {proc['rc']}):\n{tail(proc['log'])}")
@@ -581,7 +587,8 @@ def plot(result: dict, path: Path) -> None:
                         (c["nstjax_seconds"], c["nstjax_loss"]), textcoords="offset points",
                         xytext=(6, -14), fontsize=8, color="tab:blue")
     ax.set_yscale("log")
-    ax.set_xlabel("seconds since the process was launched (imports, set-up and compilation included)")
+    ax.set_xlabel("seconds since the process was launched (imports, set-up and compilation "
+                  "included)")
     ax.set_ylabel("pastiche's loss")
     size = result["args"]["size"]
     ax.set_title(f"Tübingen x Starry Night, {size} px, one machine, one invocation\n"
@@ -607,14 +614,18 @@ def table(result: dict) -> str:
     if tp:
         vg = tp["value_and_grad"]
         fl = tp["flops"]
-        row(f"value_and_grad {tp['width']}x{tp['height']}: s/step (median)", f"{vg['median_s']:.3f} s")
-        row("  analytic conv GFLOP per step (fwd + input-grad)", f"{fl['value_and_grad'] / 1e9:.1f}")
-        row("  GFLOP/s (median), share of matmul", f"{tp['gflops_median']:.0f}, {tp['share_median']:.0%}",
-            f">= {TARGET_MATMUL_SHARE:.0%}", tp["share_median"] >= TARGET_MATMUL_SHARE)
+        row(f"value_and_grad {tp['width']}x{tp['height']}: s/step (median)",
+            f"{vg['median_s']:.3f} s")
+        row("  analytic conv GFLOP per step (fwd + input-grad)",
+            f"{fl['value_and_grad'] / 1e9:.1f}")
+        row("  GFLOP/s (median), share of matmul",
+            f"{tp['gflops_median']:.0f}, {tp['share_median']:.0%}", f">= {TARGET_MATMUL_SHARE:.0%}",
+            tp["share_median"] >= TARGET_MATMUL_SHARE)
         row("  GFLOP/s (best), share of matmul", f"{tp['gflops_best']:.0f}, {tp['share_best']:.0%}")
         for k, v in tp.items():
             if k.startswith("run_steps_chunk"):
-                row(f"optimiser step, {k[10:]} ({v['optimizer']}): s/step", f"{v['median_s_per_step']:.3f} s")
+                row(f"optimiser step, {k[10:]} ({v['optimizer']}): s/step",
+                    f"{v['median_s_per_step']:.3f} s")
     fs = result.get("first_step")
     if fs:
         row(f"first step incl. compile, fresh process, {fs['size']} px", f"{fs['seconds']:.1f} s",
@@ -626,22 +637,27 @@ def table(result: dict) -> str:
     if n:
         recs = final_stage(n["records"])
         if len(recs) > 2:
-            row("nstjax CLI s/step (steady, incl. L-BFGS)",
-                f"{(recs[-2]['seconds'] - recs[1]['seconds']) / max(recs[-2]['step'] - recs[1]['step'], 1):.3f} s")
+            per_step = ((recs[-2]["seconds"] - recs[1]["seconds"])
+                        / max(recs[-2]["step"] - recs[1]["step"], 1))
+            row("nstjax CLI s/step (steady, incl. L-BFGS)", f"{per_step:.3f} s")
     for c in result.get("quality", []):
-        label = f"pastiche {c['pastiche_steps']}-step loss {c['pastiche_loss']:.4g} at {c['pastiche_seconds']:.1f} s"
+        label = (f"pastiche {c['pastiche_steps']}-step loss {c['pastiche_loss']:.4g} at "
+                 f"{c['pastiche_seconds']:.1f} s")
         if c.get("nstjax_seconds") is None:
             row(label, f"nstjax: not reached in {c['nstjax_last_seconds']:.1f} s "
                 f"({c['nstjax_last_step']} steps, loss {c['nstjax_last_loss']:.4g})",
                 f"ratio >= {TARGET_RATIO:g}", False)
         else:
-            row(label, f"nstjax: {c['nstjax_seconds']:.1f} s (step {c['nstjax_step']}), ratio {c['ratio']:.2f}",
+            row(label, f"nstjax: {c['nstjax_seconds']:.1f} s (step {c['nstjax_step']}), ratio "
+                       f"{c['ratio']:.2f}",
                 f"ratio >= {TARGET_RATIO:g}", c["ratio"] >= TARGET_RATIO)
         v = c.get("vs_pastiche_png")
         if v:
-            row(f"  vs pastiche's {c['pastiche_steps']}-step PNG (loss {v['pastiche_png_loss']:.4g})",
+            row(f"  vs pastiche's {c['pastiche_steps']}-step PNG (loss "
+                f"{v['pastiche_png_loss']:.4g})",
                 "not reached" if v["ratio"] is None else
-                f"nstjax: {v['nstjax_seconds']:.1f} s (step {v['nstjax_step']}), ratio {v['ratio']:.2f}")
+                f"nstjax: {v['nstjax_seconds']:.1f} s (step {v['nstjax_step']}), ratio "
+                f"{v['ratio']:.2f}")
         b = c.get("nstjax_at_budget")
         row(f"  nstjax's loss at {c['budget_seconds']:.1f} s (= pastiche's / {TARGET_RATIO:g})",
             "no image yet" if b is None else f"{b['loss']:.4g} (step {b['step']})")
@@ -654,8 +670,10 @@ def table(result: dict) -> str:
     for tool in ("nstjax", "pastiche"):
         m = mem.get(tool)
         if m:
-            judged = tool == "nstjax" and max(m["width"], m["height"]) >= 1024  # the target is at 1024x768
-            row(f"{tool} peak RSS at {m['width']}x{m['height']} ({m['steps']} steps)", f"{m['peak_rss_gb']:.2f} GB",
+            # the target is at 1024x768
+            judged = tool == "nstjax" and max(m["width"], m["height"]) >= 1024
+            row(f"{tool} peak RSS at {m['width']}x{m['height']} ({m['steps']} steps)",
+                f"{m['peak_rss_gb']:.2f} GB",
                 f"<= {TARGET_PEAK_GB:g} GB (at 1024x768)" if tool == "nstjax" else "",
                 (m["peak_rss_gb"] <= TARGET_PEAK_GB) if judged else None)
     w = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
@@ -671,30 +689,46 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="256 px, pastiche steps 20,60, memory at 512, fewer repetitions: a few minutes")
-    p.add_argument("--size", type=int, default=None, help="long side in pixels (default 512; quick 256)")
-    p.add_argument("--pastiche-python", default=os.environ.get("PASTICHE_PYTHON", str(ROOT.parent / "torchvenv" / "bin" / "python")),
-                   help="a Python with torch and pastiche 1.6.0 (default $PASTICHE_PYTHON or ../torchvenv/bin/python)")
-    p.add_argument("--pastiche-steps", default=None, help="pastiche step counts to match (default 60,300; quick 20,60)")
+                   help="256 px, pastiche steps 20,60, memory at 512, fewer repetitions: a few "
+                        "minutes")
+    p.add_argument("--size", type=int, default=None,
+                   help="long side in pixels (default 512; quick 256)")
+    p.add_argument("--pastiche-python",
+                   default=os.environ.get("PASTICHE_PYTHON",
+                                          str(ROOT.parent / "torchvenv" / "bin" / "python")),
+                   help="a Python with torch and pastiche 1.6.0 (default $PASTICHE_PYTHON or "
+                        "../torchvenv/bin/python)")
+    p.add_argument("--pastiche-steps", default=None,
+                   help="pastiche step counts to match (default 60,300; quick 20,60)")
     p.add_argument("--nstjax-steps", type=int, default=None,
-                   help="nstjax steps in the time-to-quality run (default 1.1 x the largest pastiche step count)")
+                   help="nstjax steps in the time-to-quality run (default 1.1 x the largest "
+                        "pastiche step count)")
     p.add_argument("--out", default="runs/benchmark")
     p.add_argument("--nstjax-override", action="append", default=[], metavar="FIELD=VALUE",
-                   help="passed to the nstjax CLI as --config.FIELD=VALUE (repeatable), e.g. scales='(256,)'")
+                   help="passed to the nstjax CLI as --config.FIELD=VALUE (repeatable), e.g. "
+                        "scales='(256,)'")
     p.add_argument("--skip-pastiche", action="store_true", help="nstjax only (no ratios)")
-    p.add_argument("--memory-size", type=int, default=None, help="long side for the peak-memory runs (default 1024; quick 512)")
-    p.add_argument("--memory-steps", type=int, default=None, help="steps in the peak-memory runs (default 3; quick 2)")
-    p.add_argument("--first-step-size", type=int, default=512, help="size for the fresh-process first-step time")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per throughput measurement (default 5; quick 3)")
-    p.add_argument("--chunks", default=None, help="run_steps chunk lengths to time (default 1,10; quick 1)")
+    p.add_argument("--memory-size", type=int, default=None,
+                   help="long side for the peak-memory runs (default 1024; quick 512)")
+    p.add_argument("--memory-steps", type=int, default=None,
+                   help="steps in the peak-memory runs (default 3; quick 2)")
+    p.add_argument("--first-step-size", type=int, default=512,
+                   help="size for the fresh-process first-step time")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions per throughput measurement (default 5; quick 3)")
+    p.add_argument("--chunks", default=None,
+                   help="run_steps chunk lengths to time (default 1,10; quick 1)")
     p.add_argument("--resize", choices=("pastiche", "nstjax"), default="pastiche",
-                   help="pastiche: both tools get pastiche's bilinear resizing; nstjax: nstjax resizes the originals (Lanczos)")
+                   help="pastiche: both tools get pastiche's bilinear resizing; nstjax: nstjax "
+                        "resizes the originals (Lanczos)")
     p.add_argument("--content", default=str(IMAGES / "tubingen.jpg"))
     p.add_argument("--style", default=str(IMAGES / "starry_night.jpg"))
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: throughput,quality,first_step,memory")
+    p.add_argument("--skip", default="",
+                   help="comma-separated phases to skip: throughput,quality,first_step,memory")
     a = p.parse_args(argv)
     a.size = a.size or (256 if a.quick else 512)
-    a.pastiche_steps = [int(s) for s in (a.pastiche_steps or ("20,60" if a.quick else "60,300")).split(",")]
+    a.pastiche_steps = [int(s) for s in
+                        (a.pastiche_steps or ("20,60" if a.quick else "60,300")).split(",")]
     a.nstjax_steps = a.nstjax_steps or math.ceil(1.1 * max(a.pastiche_steps))
     a.memory_size = a.memory_size or (512 if a.quick else 1024)
     a.memory_steps = a.memory_steps or (2 if a.quick else 3)
@@ -718,7 +752,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_bench = time.time()
     result: dict = {"command": " ".join(shlex.quote(x) for x in [sys.executable] + sys.argv),
-                    "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(a).items()},
+                    "args": {k: (sorted(v) if isinstance(v, set) else v)
+                             for k, v in vars(a).items()},
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
                     "nstjax_git_commit": git_commit(), "notes": []}
 
@@ -732,7 +767,8 @@ def main(argv=None) -> int:
     result["environment"] = records.environment()
     result["jax_devices"] = [str(d) for d in jax.devices()]
 
-    have_pastiche, pinfo = (False, "skipped (--skip-pastiche)") if a.skip_pastiche else pastiche_available(a.pastiche_python)
+    have_pastiche, pinfo = ((False, "skipped (--skip-pastiche)") if a.skip_pastiche
+                            else pastiche_available(a.pastiche_python))
     result["pastiche_python"] = a.pastiche_python
     result["pastiche_available"] = have_pastiche
     result["pastiche_info"] = json.loads(pinfo) if have_pastiche else pinfo
@@ -742,7 +778,7 @@ def main(argv=None) -> int:
     inputs = prepare_inputs(a.content, a.style, a.size, a.resize, out / "inputs")
     cfg, skipped = load_config(a.nstjax_override, a.size, inputs, strict=False)
     if skipped:
-        result["notes"].append(f"overrides not applied in-process (unknown to this nstjax's config; "
+        result["notes"].append("overrides not applied in-process (unknown to this nstjax's config; "
                                f"passed to the CLI as given): {skipped}")
     inputs["nstjax_sizes"] = nstjax_sizes(cfg)
     inputs["sizes_match"] = (inputs["nstjax_sizes"]["content_wh"] == inputs["pastiche_content_wh"]
@@ -783,26 +819,34 @@ def main(argv=None) -> int:
     if "quality" not in a.skip:
         if have_pastiche:
             log(f"pastiche: {max(a.pastiche_steps)} steps at {a.size} px ...")
-            p = run_pastiche(a.pastiche_python, a.content, a.style, a.size, a.pastiche_steps, out, f"{a.size}")
+            p = run_pastiche(a.pastiche_python, a.content, a.style, a.size, a.pastiche_steps, out,
+                             f"{a.size}")
             result["pastiche_run"] = p
-            p_sizes = {"content_wh": p["content_size_hw"][::-1], "style_wh": p["style_sizes_hw"][0][::-1]}
+            p_sizes = {"content_wh": p["content_size_hw"][::-1],
+                       "style_wh": p["style_sizes_hw"][0][::-1]}
             inputs["pastiche_reported_sizes"] = p_sizes
-            if p_sizes["content_wh"] != inputs["pastiche_content_wh"] or p_sizes["style_wh"] != inputs["pastiche_style_wh"]:
-                result["notes"].append(f"pastiche's sizes {p_sizes} differ from those computed here")
+            if (p_sizes["content_wh"] != inputs["pastiche_content_wh"]
+                    or p_sizes["style_wh"] != inputs["pastiche_style_wh"]):
+                result["notes"].append(
+                    f"pastiche's sizes {p_sizes} differ from those computed here")
             log(f"  {p['seconds_per_step']:.3f} s/step; " + ", ".join(
-                f"{k} steps: loss {v['loss']:.5g} at {v['seconds']:.1f} s" for k, v in p["checkpoints"].items()))
+                f"{k} steps: loss {v['loss']:.5g} at {v['seconds']:.1f} s"
+                for k, v in p["checkpoints"].items()))
             save()
         log(f"nstjax CLI: {a.nstjax_steps} steps at {a.size} px ...")
         n = run_nstjax(a.size, a.nstjax_steps, inputs, a.nstjax_override, out, f"{a.size}")
         result["nstjax_run"] = n
         recs = final_stage(n["records"])
-        log(f"  start-up {n['startup_s']:.1f} s, first chunk {n['manifest_timing']['first_chunk_s']:.1f} s, "
-            f"final loss {recs[-1]['loss']:.5g} at {recs[-1]['seconds']:.1f} s")
+        log(f"  start-up {n['startup_s']:.1f} s, first chunk "
+            f"{n['manifest_timing']['first_chunk_s']:.1f} s, final loss {recs[-1]['loss']:.5g} at "
+            f"{recs[-1]['seconds']:.1f} s")
         if a.size == a.first_step_size:
-            result["first_step"] = {"size": a.size, "seconds": n["manifest_timing"]["first_chunk_s"],
+            result["first_step"] = {"size": a.size,
+                                    "seconds": n["manifest_timing"]["first_chunk_s"],
                                     "from_launch_s": recs[1]["seconds"] if len(recs) > 1 else None,
-                                    "source": "the time-to-quality run's manifest (timing.first_chunk_s: "
-                                              "compile + 1 step, chunk of 1 as log_every=1)"}
+                                    "source": "the time-to-quality run's manifest "
+                                              "(timing.first_chunk_s: compile + 1 step, chunk of 1 "
+                                              "as log_every=1)"}
         save()
         if have_pastiche:
             quality = []
@@ -810,13 +854,16 @@ def main(argv=None) -> int:
                 c = p["checkpoints"][str(k)]
                 hit = time_to_reach(recs, c["loss"])
                 budget = c["seconds"] / TARGET_RATIO
-                q = {"pastiche_steps": k, "pastiche_loss": c["loss"], "pastiche_seconds": c["seconds"],
-                     "budget_seconds": budget, "nstjax_at_budget": loss_at(recs, budget),
-                     "nstjax_last_step": recs[-1]["step"], "nstjax_last_seconds": recs[-1]["seconds"],
+                q = {"pastiche_steps": k, "pastiche_loss": c["loss"],
+                     "pastiche_seconds": c["seconds"], "budget_seconds": budget,
+                     "nstjax_at_budget": loss_at(recs, budget),
+                     "nstjax_last_step": recs[-1]["step"],
+                     "nstjax_last_seconds": recs[-1]["seconds"],
                      "nstjax_last_loss": recs[-1]["loss"]}
                 if hit:
-                    q.update(nstjax_step=hit["step"], nstjax_seconds=hit["seconds"], nstjax_loss=hit["loss"],
-                             ratio=c["seconds"] / hit["seconds"], target_met=c["seconds"] / hit["seconds"] >= TARGET_RATIO)
+                    q.update(nstjax_step=hit["step"], nstjax_seconds=hit["seconds"],
+                             nstjax_loss=hit["loss"], ratio=c["seconds"] / hit["seconds"],
+                             target_met=c["seconds"] / hit["seconds"] >= TARGET_RATIO)
                 else:
                     q.update(nstjax_seconds=None, ratio=None,
                              ratio_upper_bound=c["seconds"] / recs[-1]["seconds"], target_met=False)
@@ -828,11 +875,13 @@ def main(argv=None) -> int:
             own_png = nstjax_loss_of_png(cfg, n["final_png"])
             p_on_n = jd["losses"][n["final_png"]]
             own_float = n["final"]["loss"]
-            jd.update(pastiche_on_nstjax_png=p_on_n, nstjax_on_nstjax_png=own_png, nstjax_final_float=own_float,
+            jd.update(pastiche_on_nstjax_png=p_on_n, nstjax_on_nstjax_png=own_png,
+                      nstjax_final_float=own_float,
                       rel_diff_implementations=(p_on_n - own_png) / own_png,
                       rel_diff_png_rounding=(own_png - own_float) / own_float,
                       rel_diff_vs_nstjax_reported=(p_on_n - own_float) / own_float,
-                      pastiche_png_vs_float={k: {"float": v["loss"], "png": jd["losses"].get(v["png"])}
+                      pastiche_png_vs_float={k: {"float": v["loss"],
+                                                 "png": jd["losses"].get(v["png"])}
                                              for k, v in p["checkpoints"].items() if v.get("png")})
             result["judge"] = jd
             # pastiche never clips its image to [0, 255] (nstjax does, after every step), so the
@@ -845,17 +894,21 @@ def main(argv=None) -> int:
                     q["vs_pastiche_png"] = {"pastiche_png_loss": jd["losses"][png],
                                             "nstjax_seconds": hit["seconds"] if hit else None,
                                             "nstjax_step": hit["step"] if hit else None,
-                                            "ratio": q["pastiche_seconds"] / hit["seconds"] if hit else None}
-            log(f"  pastiche's loss of nstjax's final.png {p_on_n:.6g}; nstjax's loss of it {own_png:.6g} "
-                f"({jd['rel_diff_implementations']:+.2e}); nstjax's loss before PNG rounding {own_float:.6g}")
+                                            "ratio": (q["pastiche_seconds"] / hit["seconds"]
+                                                      if hit else None)}
+            log(f"  pastiche's loss of nstjax's final.png {p_on_n:.6g}; nstjax's loss of it "
+                f"{own_png:.6g} ({jd['rel_diff_implementations']:+.2e}); nstjax's loss before PNG "
+                f"rounding {own_float:.6g}")
             save()
 
     # 4. First step at 512 px in a fresh process, if the run above was at another size.
     if "first_step" not in a.skip and "first_step" not in result:
         log(f"first step at {a.first_step_size} px in a fresh process ...")
         fs_inputs = prepare_inputs(a.content, a.style, a.first_step_size, a.resize, out / "inputs")
-        f = run_nstjax(a.first_step_size, 1, fs_inputs, a.nstjax_override, out, f"first_step_{a.first_step_size}")
-        result["first_step"] = {"size": a.first_step_size, "seconds": f["manifest_timing"]["first_chunk_s"],
+        f = run_nstjax(a.first_step_size, 1, fs_inputs, a.nstjax_override, out,
+                       f"first_step_{a.first_step_size}")
+        result["first_step"] = {"size": a.first_step_size,
+                                "seconds": f["manifest_timing"]["first_chunk_s"],
                                 "from_launch_s": final_stage(f["records"])[-1]["seconds"],
                                 "process_wall_s": f["process"]["wall_s"],
                                 "source": "a 1-step CLI run's manifest (timing.first_chunk_s)"}
@@ -867,21 +920,25 @@ def main(argv=None) -> int:
         m_inputs = prepare_inputs(a.content, a.style, a.memory_size, a.resize, out / "inputs")
         w, h = m_inputs["pastiche_content_wh"]
         log(f"peak memory at {w}x{h}, {a.memory_steps} steps: nstjax ...")
-        r = run_nstjax(a.memory_size, a.memory_steps, m_inputs, a.nstjax_override, out, f"memory_{a.memory_size}")
-        mem["nstjax"] = {"width": w, "height": h, "steps": a.memory_steps, "peak_rss_gb": r["process"]["peak_rss_gb"],
+        r = run_nstjax(a.memory_size, a.memory_steps, m_inputs, a.nstjax_override, out,
+                       f"memory_{a.memory_size}")
+        mem["nstjax"] = {"width": w, "height": h, "steps": a.memory_steps,
+                         "peak_rss_gb": r["process"]["peak_rss_gb"],
                          "wall_s": r["process"]["wall_s"], "cmd": r["process"]["cmd"]}
         log(f"  nstjax {mem['nstjax']['peak_rss_gb']:.2f} GB")
         if have_pastiche:
             log("  pastiche ...")
-            pr = run_pastiche(a.pastiche_python, a.content, a.style, a.memory_size, [a.memory_steps], out,
-                              f"memory_{a.memory_size}")
+            pr = run_pastiche(a.pastiche_python, a.content, a.style, a.memory_size,
+                              [a.memory_steps], out, f"memory_{a.memory_size}")
             mem["pastiche"] = {"width": w, "height": h, "steps": a.memory_steps,
-                               "peak_rss_gb": pr["process"]["peak_rss_gb"], "wall_s": pr["process"]["wall_s"],
+                               "peak_rss_gb": pr["process"]["peak_rss_gb"],
+                               "wall_s": pr["process"]["wall_s"],
                                "seconds_per_step": pr["seconds_per_step"],
-                               "note": "torch's L-BFGS history grows by one (s, y) pair per step up to 100 "
-                                       f"pairs, {2 * w * h * 3 * 4 / 1e6:.1f} MB each ({200 * w * h * 3 * 4 / 1e9:.2f} GB "
-                                       "for 100), so a longer run peaks higher; nstjax allocates its whole "
-                                       "history up front"}
+                               "note": "torch's L-BFGS history grows by one (s, y) pair per step "
+                                       f"up to 100 pairs, {2 * w * h * 3 * 4 / 1e6:.1f} MB each "
+                                       f"({200 * w * h * 3 * 4 / 1e9:.2f} GB for 100), so a longer "
+                                       "run peaks higher; nstjax allocates its whole history up "
+                                       "front"}
             log(f"  pastiche {mem['pastiche']['peak_rss_gb']:.2f} GB")
         result["memory"] = mem
         save()
@@ -898,7 +955,8 @@ def main(argv=None) -> int:
     print()
     print(table(result))
     print()
-    wrote = [out / "benchmark.json"] + ([out / "loss_vs_seconds.png"] if (out / "loss_vs_seconds.png").exists() else [])
+    wrote = [out / "benchmark.json"] + ([out / "loss_vs_seconds.png"]
+                                        if (out / "loss_vs_seconds.png").exists() else [])
     log(f"wrote {' and '.join(map(str, wrote))} in {result['benchmark_wall_s']:.0f} s")
     return 0
 

@@ -35,11 +35,14 @@ def main() -> None:
     rows = []
     for n in map(int, args.chunks.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            env = dict(os.environ, PYTHONPATH=str(ROOT), NSTJAX_COMPILE_CACHE="0", NSTJAX_MEMORY_CHECK="0")
-            cmd = [sys.executable, "-m", "nstjax", f"--workdir={tmp}/w", f"--config.size={args.size}",
-                   f"--config.steps={n}", f"--config.chunk={n}", f"--config.log_every={n}",
-                   "--config.progress=False", "--config.checkpoint_every=0"]
-            proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            env = dict(os.environ, PYTHONPATH=str(ROOT), NSTJAX_COMPILE_CACHE="0",
+                       NSTJAX_MEMORY_CHECK="0")
+            cmd = [sys.executable, "-m", "nstjax", f"--workdir={tmp}/w",
+                   f"--config.size={args.size}", f"--config.steps={n}", f"--config.chunk={n}",
+                   f"--config.log_every={n}", "--config.progress=False",
+                   "--config.checkpoint_every=0"]
+            proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
             _, status, usage = os.wait4(proc.pid, 0)
             if status:
                 raise SystemExit(proc.stderr.read().decode()[-2000:])

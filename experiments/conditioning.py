@@ -12,7 +12,8 @@ resize or a 3x3 colour matrix, nothing next to the network):
 - ``m=N``: history of N pairs instead of 100.
 - ``pyramid:L:W``: optimise a Laplacian-pyramid-like parametrisation, the image being
   ``z_0 + sum_k W^k upsample(z_k)`` over L levels (level k at 1/2^k of the size, bilinear). W > 1
-  favours low frequencies (the preconditioning of feature-visualisation work); W < 1 disfavours them.
+  favours low frequencies (the preconditioning of feature-visualisation work); W < 1 disfavours
+  them.
 - ``colour:P``: optimise in a colour basis, ``x = mu + (z - mu) C^(P/2)`` with C the content photo's
   colour covariance (normalised): P = 1 correlates the colours as the photo's are, -1 decorrelates.
 - ``init=colours``: start from the content photo with the style image's colour mean and covariance
@@ -40,8 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_VARIANTS = ("pixels,lr=1.5,lr=2,m=10,pyramid:4:0.5,pyramid:4:1,pyramid:4:2,colour:1,colour:-1,"
-                    "init=colours,adam=10")
+DEFAULT_VARIANTS = ("pixels,lr=1.5,lr=2,m=10,pyramid:4:0.5,pyramid:4:1,pyramid:4:2,colour:1,"
+                    "colour:-1,init=colours,adam=10")
 
 
 def colour_transfer(content: np.ndarray, style: np.ndarray) -> np.ndarray:
@@ -71,7 +72,8 @@ def parametrisation(kind: str, content: np.ndarray):
                 x = x + weight ** k * jax.image.resize(z[k], (h, w, 3), "linear")
             return x
 
-        return to_image, [x0] + [jnp.zeros(s, jnp.float32) for s in shapes], lambda z, d: [z[0] + d] + z[1:]
+        return (to_image, [x0] + [jnp.zeros(s, jnp.float32) for s in shapes],
+                lambda z, d: [z[0] + d] + z[1:])
     if name == "colour":
         power = float(rest[0])
         px = content.reshape(-1, 3).astype(np.float64)
@@ -84,7 +86,8 @@ def parametrisation(kind: str, content: np.ndarray):
     return (lambda z: z[0]), [x0], (lambda z, d: [z[0] + d])
 
 
-def run_variant(variant: str, loss_fn, content: np.ndarray, style: np.ndarray, steps: int) -> list[float]:
+def run_variant(variant: str, loss_fn, content: np.ndarray, style: np.ndarray,
+                steps: int) -> list[float]:
     import jax
     import jax.flatten_util
     import jax.numpy as jnp
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--content", default="../shared/images/tubingen.jpg")
     ap.add_argument("--style", default="../shared/images/starry_night.jpg")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
-                    help="comma-separated; options of one variant joined with '+', e.g. pyramid:4:0.5+init=colours")
+                    help="comma-separated; options of one variant joined with '+', e.g. "
+                         "pyramid:4:0.5+init=colours")
     ap.add_argument("--out", default="runs/conditioning")
     args = ap.parse_args(argv)
 
@@ -138,19 +142,23 @@ def main(argv=None) -> int:
     from nstjax.optimize import make_loss_fn
     from nstjax.problem import load_problem
 
-    cfg, _ = load_config([], args.size, {"content": args.content, "style": args.style, "overrides": []},
+    cfg, _ = load_config([], args.size,
+                         {"content": args.content, "style": args.style, "overrides": []},
                          strict=True)
     spec = config_lib.validate(cfg)
     problem = load_problem(spec)
     loss_fn = make_loss_fn(problem.params, problem.targets, problem.weights, spec.objective)
-    content, style = np.asarray(problem.content, np.float32), np.asarray(problem.styles[0], np.float32)
+    content, style = np.asarray(problem.content, np.float32), np.asarray(problem.styles[0],
+                                                                         np.float32)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"size": list(content.shape[:2]), "steps": args.steps, "config": "configs/pastiche_objective.py",
-              "content": args.content, "style": args.style, "variants": {}}
+    result = {"size": list(content.shape[:2]), "steps": args.steps,
+              "config": "configs/pastiche_objective.py", "content": args.content,
+              "style": args.style, "variants": {}}
     marks = [k for k in (0, 5, 10, 20, 30, 40, 60, 80, 100, 150, 200, 300) if k <= args.steps]
-    print(f"{'variant':24s} " + " ".join(f"{'k=' + str(k):>10s}" for k in marks) + "  steps to baseline's final  s")
+    print(f"{'variant':24s} " + " ".join(f"{'k=' + str(k):>10s}" for k in marks)
+          + "  steps to baseline's final  s")
     baseline = None
     for variant in args.variants.split(","):
         t = time.time()
@@ -159,11 +167,14 @@ def main(argv=None) -> int:
         if baseline is None:
             baseline = losses[-1]
         reach = next((i for i, l in enumerate(losses) if l <= baseline), None)
-        result["variants"][variant] = {"losses": losses, "steps_to_first_final": reach, "seconds": seconds}
+        result["variants"][variant] = {"losses": losses, "steps_to_first_final": reach,
+                                       "seconds": seconds}
         print(f"{variant:24s} " + " ".join(f"{losses[k]:10.4g}" for k in marks)
-              + f"  {str(reach) if reach is not None else '> ' + str(args.steps):>6s}  {seconds:6.0f}", flush=True)
+              + f"  {str(reach) if reach is not None else '> ' + str(args.steps):>6s}  "
+                f"{seconds:6.0f}", flush=True)
         (out / "conditioning.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {out / 'conditioning.json'}; the first variant ({args.variants.split(',')[0]}) is the baseline")
+    print(f"wrote {out / 'conditioning.json'}; the first variant ({args.variants.split(',')[0]}) "
+          "is the baseline")
     return 0
 
 

@@ -63,8 +63,8 @@ def cli(args) -> dict:
     bare = []
     for i in range(args.reps + 1):
         t = time.perf_counter()
-        img, state, terms, _, _ = programs.steps(x.params, x.targets, x.weights, img, state, obj=x.obj,
-                                                 spec=x.opt, n_steps=1)
+        img, state, terms, _, _ = programs.steps(x.params, x.targets, x.weights, img, state,
+                                                 obj=x.obj, spec=x.opt, n_steps=1)
         np.asarray(terms["loss"])  # what the loop waits for
         if i:  # the first call compiles
             bare.append(time.perf_counter() - t)
@@ -86,7 +86,8 @@ def _one_cli(checkout: Path, size: int, steps: int) -> dict:
         env = dict(os.environ, PYTHONPATH=str(checkout), NSTJAX_COMPILE_CACHE="0")
         cmd = [sys.executable, "-m", "nstjax", f"--workdir={tmp}/w", f"--config.size={size}",
                f"--config.steps={steps}", "--config.progress=False", "--config.checkpoint_every=0"]
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
         _, status, usage = os.wait4(proc.pid, 0)
         if status:
             raise SystemExit(f"{checkout}: nstjax failed: {proc.stderr.read().decode()[-2000:]}")

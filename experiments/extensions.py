@@ -1,7 +1,7 @@
 """Beyond Gatys 2015, side by side on one image pair (issue 7): a labelled grid and a CSV.
 
-    python experiments/extensions.py --quick          # CPU: 128 px, 60 steps per panel, a few minutes
-    python experiments/extensions.py                  # 384 px, 200 steps (an accelerator helps)
+    python experiments/extensions.py --quick        # CPU: 128 px, 60 steps per panel, a few minutes
+    python experiments/extensions.py                # 384 px, 200 steps (an accelerator helps)
         [--content PATH] [--style PATH] [--style2 PATH] [--out runs/extensions] [--size N]
         [--steps N] [--masks SKY.png,REST.png] [--docs docs/extensions.png] [--only WORD]
     python experiments/extensions.py --quick --only scale --out runs/scale_control   # one figure
@@ -25,11 +25,11 @@ manifest.json) under ``--out``. Panels:
   spread) show most, as in Risser et al.'s figures.
 
 ``results.csv`` has one row per panel: the final loss terms (named as in a sweep's summary.csv:
-``loss``, ``content_loss``, ``style_loss``, ``hist_loss``, ``tv_loss``), the wall time, and measurements of
-what each paper claims: ``hist_<layer>``, the per-channel 1-D Wasserstein distance between the
-output's and the (first) style image's VGG activations (lower = the activation histograms match
-better), and ``chroma_to_content``, the mean absolute difference of the YIQ chroma (I, Q) between
-the output and the content photo (lower = the content's colours kept).
+``loss``, ``content_loss``, ``style_loss``, ``hist_loss``, ``tv_loss``), the wall time, and
+measurements of what each paper claims: ``hist_<layer>``, the per-channel 1-D Wasserstein distance
+between the output's and the (first) style image's VGG activations (lower = the activation
+histograms match better), and ``chroma_to_content``, the mean absolute difference of the YIQ chroma
+(I, Q) between the output and the content photo (lower = the content's colours kept).
 
 The masks default to a sky mask found in the content photo (pixels, connected to the top edge
 column by column, of the colour of the top rows) and its complement, written to ``--out``.
@@ -50,11 +50,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nstjax import color, features, histogram, images, records  # noqa: E402 - after the sys.path line
-from nstjax.config import base_config  # noqa: E402 - after the sys.path line
-from nstjax.run import run  # noqa: E402 - after the sys.path line
-from nstjax.sweep_files import term_column  # noqa: E402 - after the sys.path line
-from nstjax.weights import load_vgg19_with_info  # noqa: E402 - after the sys.path line
+from nstjax import color, features, histogram, images, records  # noqa: E402 - after sys.path
+from nstjax.config import base_config  # noqa: E402 - after sys.path
+from nstjax.run import run  # noqa: E402 - after sys.path
+from nstjax.sweep_files import term_column  # noqa: E402 - after sys.path
+from nstjax.weights import load_vgg19_with_info  # noqa: E402 - after sys.path
 
 SHARED = ROOT.parent / "shared" / "images"
 MEASURE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -69,7 +69,8 @@ def sky_mask(content: np.ndarray, tolerance: float = 40.0) -> np.ndarray:
     top = content[: max(1, h // 12)].reshape(-1, 3)
     near = np.linalg.norm(content - np.median(top, axis=0), axis=-1) < tolerance
     mask = np.cumprod(near, axis=0).astype(np.uint8) * 255  # stops at the first non-sky pixel
-    im = Image.fromarray(mask).filter(ImageFilter.MedianFilter(5)).filter(ImageFilter.GaussianBlur(1.5))
+    im = Image.fromarray(mask).filter(ImageFilter.MedianFilter(5)).filter(
+        ImageFilter.GaussianBlur(1.5))
     return np.asarray(im, np.float32) / 255.0
 
 
@@ -105,7 +106,8 @@ def _font(size: int):
             return ImageFont.load_default()
 
 
-def grid(cells: list[tuple[str, np.ndarray]], columns: int, cell_w: int, footer: str = "") -> Image.Image:
+def grid(cells: list[tuple[str, np.ndarray]], columns: int, cell_w: int,
+         footer: str = "") -> Image.Image:
     """Images with a label under each, ``columns`` to a row, each scaled to ``cell_w`` wide."""
     font_px = max(10, cell_w // 14)
     font = _font(font_px)
@@ -122,7 +124,8 @@ def grid(cells: list[tuple[str, np.ndarray]], columns: int, cell_w: int, footer:
         out.paste(im, (x, y + (cell_h - im.height) // 2))
         draw.text((x + cell_w // 2, y + cell_h + 3), label, fill="black", font=font, anchor="ma")
     if footer:
-        draw.text((4, out.height - foot_h + 3), footer, fill=(80, 80, 80), font=_font(max(9, font_px - 2)))
+        draw.text((4, out.height - foot_h + 3), footer, fill=(80, 80, 80),
+                  font=_font(max(9, font_px - 2)))
     return out
 
 
@@ -132,14 +135,17 @@ def main(argv=None) -> int:
     ap.add_argument("--content", default=str(SHARED / "tubingen.jpg"))
     ap.add_argument("--style", default=str(SHARED / "starry_night.jpg"))
     ap.add_argument("--style2", default=str(SHARED / "shipwreck.jpg"), help="second style (masks)")
-    ap.add_argument("--masks", default="", help="two masks SKY,REST (default: found in the content)")
+    ap.add_argument("--masks", default="",
+                    help="two masks SKY,REST (default: found in the content)")
     ap.add_argument("--size", type=int, default=0, help="output long side (default 384; quick 128)")
     ap.add_argument("--steps", type=int, default=0, help="steps per panel (default 200; quick 60)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "extensions"))
     ap.add_argument("--docs", default="",
-                    help="also write a compact (128-colour) grid of the results alone (no input images) here")
+                    help="also write a compact (128-colour) grid of the results alone (no input "
+                         "images) here")
     ap.add_argument("--reuse", action="store_true",
-                    help="keep panels already finished in --out with the same config (re-plot only)")
+                    help="keep panels already finished in --out with the same config (re-plot "
+                         "only)")
     ap.add_argument("--only", default="",
                     help="run only the panels whose label starts with this (scale, mask, ...)")
     a = ap.parse_args(argv)
@@ -161,8 +167,8 @@ def main(argv=None) -> int:
 
     style_img = images.load_image(a.style, size)
     measure_style = features(params, style_img, MEASURE_LAYERS)
-    inputs = [("content", content), ("style", style_img), ("style 2 (town)", images.load_image(a.style2, size)),
-              ("sky mask", mask_shown)]
+    inputs = [("content", content), ("style", style_img),
+              ("style 2 (town)", images.load_image(a.style2, size)), ("sky mask", mask_shown)]
     cells = []
     rows = []
     chosen = [(label, o) for label, o in panels(a.style, a.style2, masks)
@@ -185,9 +191,12 @@ def main(argv=None) -> int:
         wall = record["timing"]["wall_s"]
         image = images.load_image(out / name / "final.png")  # what the run wrote, 8-bit
         fo = features(params, image, MEASURE_LAYERS)
-        row = {"panel": label, "workdir": name, "overrides": json.dumps(overrides), "wall_s": round(wall, 2)}
-        # Named as in a sweep's summary.csv (nstjax.sweep_files.term_column): loss, content_loss, ...
-        row.update({term_column(k): record["final"].get(k, 0.0) for k in ("loss", "content", "style", "hist", "tv")})
+        row = {"panel": label, "workdir": name, "overrides": json.dumps(overrides),
+               "wall_s": round(wall, 2)}
+        # Named as in a sweep's summary.csv (nstjax.sweep_files.term_column):
+        # loss, content_loss, ...
+        row.update({term_column(k): record["final"].get(k, 0.0)
+                    for k in ("loss", "content", "style", "hist", "tv")})
         for l in MEASURE_LAYERS:
             f, s = fo[l][0], np.asarray(measure_style[l][0])
             q = histogram.quantiles(s.reshape(-1, s.shape[-1]), f.shape[0] * f.shape[1])
@@ -195,15 +204,17 @@ def main(argv=None) -> int:
         row["chroma_to_content"] = float(np.abs(color.chroma(image) - color.chroma(content)).mean())
         rows.append(row)
         cells.append((label, image))
-        print(f"{label:28s} {wall:6.1f} s  loss {row['loss']:.4g}  hist relu1_1 {row['hist_relu1_1']:.2f} "
-              f"relu4_1 {row['hist_relu4_1']:.2f}  chroma {row['chroma_to_content']:.2f}", flush=True)
+        print(f"{label:28s} {wall:6.1f} s  loss {row['loss']:.4g}  hist relu1_1 "
+              f"{row['hist_relu1_1']:.2f} relu4_1 {row['hist_relu4_1']:.2f}  chroma "
+              f"{row['chroma_to_content']:.2f}", flush=True)
 
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     footer = (TUBINGEN_CREDIT if Path(a.content).name == "tubingen.jpg" else "") + \
-        f"{'; ' if Path(a.content).name == 'tubingen.jpg' else ''}{size} px, {steps} L-BFGS steps per panel; made by nstjax"
+        f"{'; ' if Path(a.content).name == 'tubingen.jpg' else ''}{size} px, {steps} L-BFGS " \
+        "steps per panel; made by nstjax"
     grid(inputs + cells, 4, max(192, size), footer).save(out / "grid.png")
     print(f"wrote {out / 'grid.png'} and {out / 'results.csv'}")
     if a.docs:  # only what nstjax made: no copies of the input photo or paintings

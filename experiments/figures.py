@@ -33,8 +33,8 @@ two programs' batches); each figure's output directory holds
   losses.csv       one row per cell: the swept values, steps done, final loss and every term, named
                    as in summary.csv (no timings, so a second run gives the same file)
   loss_curves.png  the loss of every cell against the step
-  manifest.json    figure, mode, command, the sweep's config, seed, package versions, weights sha256,
-                   and for each cell its point directory
+  manifest.json    figure, mode, command, the sweep's config, seed, package versions,
+                   weights sha256, and for each cell its point directory
   sweep/           the sweep itself: sweep.json, summary.csv (with timings), grid.png, and every
                    point's directory with the files of a single nstjax run (final.png, config.json,
                    metrics.jsonl, manifest.json)
@@ -99,7 +99,8 @@ def find_images(images: Path, content: str) -> tuple[Path, list[Path]]:
 
     if not images.is_dir():
         raise UserError(f"no image folder {images} (name one with --images)")
-    content_path = Path(content) if Path(content).is_absolute() or "/" in content else images / content
+    content_path = (Path(content) if Path(content).is_absolute() or "/" in content
+                    else images / content)
     if not content_path.is_file():
         raise UserError(f"no content photo {content_path} (name one with --content)")
     styles = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
@@ -143,7 +144,8 @@ def figure_config(name: str, quick: bool, content: Path, styles: list[Path]):
         rows = (None, lambda v: f"alpha/beta = {ctx['alpha'] / c.style_weight:g}")
         cols = ("style", lambda v: Path(v).stem)
     elif name == "alpha_beta":
-        c.sweep.axes = (("style_layers", CUMULATIVE), ("style_weight", tuple(float(f"{1.0 / r:.6g}") for r in RATIOS)))
+        c.sweep.axes = (("style_layers", CUMULATIVE),
+                        ("style_weight", tuple(float(f"{1.0 / r:.6g}") for r in RATIOS)))
         c.sweep.grid = ("style_layers", "style_weight")
         rows = ("style_layers", subset_label)
         cols = ("style_weight", lambda v: f"alpha/beta = {ctx['alpha'] / v:g}")
@@ -172,7 +174,8 @@ def figure_config(name: str, quick: bool, content: Path, styles: list[Path]):
                                       else "plain VGG-19"))
         cols = ("style_weight", lambda v: f"alpha/beta = {ctx['alpha'] / v:g}")
     else:
-        raise SystemExit(f"figures: error: unknown figure {name!r}; one of {', '.join(FIGURES)} or all")
+        raise SystemExit(f"figures: error: unknown figure {name!r}; one of {', '.join(FIGURES)} or "
+                         "all")
     return c, rows, cols, ctx
 
 
@@ -196,8 +199,8 @@ TITLES = {
 def losses_csv(sweep, rows: list[dict]) -> str:
     """One row per cell: the swept values, status, steps done and every final term; no timings.
     Columns named as in the sweep's summary.csv (``steps_done``, ``loss``, ``content_loss``,
-    ``style_loss``, ``style/relu1_1``, ...: :func:`nstjax.sweep_files.term_column`), so a figure sweeping
-    ``style`` has one ``style`` column, the painting."""
+    ``style_loss``, ``style/relu1_1``, ...: :func:`nstjax.sweep_files.term_column`), so a figure
+    sweeping ``style`` has one ``style`` column, the painting."""
     from nstjax.sweep_files import term_column
 
     terms: list[str] = []
@@ -228,7 +231,8 @@ def run_figure(name: str, args) -> dict:
     from nstjax.workdir import POINTS_DIR
 
     content, styles = find_images(Path(args.images), args.content)
-    cfg, (row_f, row_label), (col_f, col_label), ctx = figure_config(name, args.quick, content, styles)
+    cfg, (row_f, row_label), (col_f, col_label), ctx = figure_config(name, args.quick, content,
+                                                                     styles)
     for override in args.set or []:
         field, _, value = override.partition("=")
         sw.set_field(cfg, field, json.loads(value) if value[:1] in "[{\"0123456789-" or value in
@@ -248,7 +252,8 @@ def run_figure(name: str, args) -> dict:
         p, m = r["point"], r["manifest"]
         loss = m.get("final", {}).get("loss")
         ok = m.get("status") == "finished"
-        caption = f"loss {float(loss):.3g}" if ok and loss is not None else f"stopped at step {m.get('steps')}"
+        caption = (f"loss {float(loss):.3g}" if ok and loss is not None
+                   else f"stopped at step {m.get('steps')}")
         cells.append(plots.Cell(label(row_f, row_label, p.values),
                                 label(col_f, col_label, p.values),
                                 images.to_uint8(images.load_image(r["final_png"])), caption, ok))
@@ -271,7 +276,8 @@ def run_figure(name: str, args) -> dict:
         "config": json.loads(records.dumps(cfg.to_dict())),
         "images": {"content": str(content), "styles": [str(s) for s in styles]},
         "weights": first.get("weights"),
-        "cells": [{"index": r["point"].index, "values": json.loads(records.dumps(r["point"].values)),
+        "cells": [{"index": r["point"].index,
+                   "values": json.loads(records.dumps(r["point"].values)),
                    "dir": str(Path("sweep") / POINTS_DIR / r["point"].name),
                    "final": r["manifest"].get("final")} for r in rows],
         "wall_s_this_invocation": time.time() - t0,
@@ -284,18 +290,23 @@ def run_figure(name: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="The figures of Gatys et al. (2015), each in one command.",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("NAME is one of", 1)[1].split("Every figure", 1)[0])
+    ap = argparse.ArgumentParser(
+        description="The figures of Gatys et al. (2015), each in one command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("NAME is one of", 1)[1].split("Every figure", 1)[0])
     ap.add_argument("name", choices=FIGURES + ("all",))
     ap.add_argument("--quick", action="store_true", help="96 px and fewer steps: minutes on a CPU")
-    ap.add_argument("--out", default=None, help="output directory (default runs/figures/NAME[_quick]; "
-                    "with 'all', the parent of one directory per figure)")
+    ap.add_argument("--out", default=None,
+                    help="output directory (default runs/figures/NAME[_quick]; "
+                         "with 'all', the parent of one directory per figure)")
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "images"),
-                    help="folder with the content photo and the paintings (default ../shared/images)")
-    ap.add_argument("--content", default="tubingen.jpg", help="the content photo, in --images or a path")
+                    help="folder with the content photo and the paintings (default "
+                         "../shared/images)")
+    ap.add_argument("--content", default="tubingen.jpg",
+                    help="the content photo, in --images or a path")
     ap.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                    help="override a config field of the figure's sweep, e.g. --set size=64 (repeatable)")
+                    help="override a config field of the figure's sweep, e.g. --set size=64 "
+                         "(repeatable)")
     ap.add_argument("--overwrite", action="store_true", help="start the figure over in --out")
     ap.add_argument("--dry-run", action="store_true", help="list the points and batches only")
     args = ap.parse_args(argv)
@@ -309,7 +320,8 @@ def main(argv=None) -> int:
     try:
         for name in names:
             if args.name == "all":
-                args.out = str(Path(base_out or "runs/figures") / (name + ("_quick" if args.quick else "")))
+                args.out = str(Path(base_out or "runs/figures")
+                               / (name + ("_quick" if args.quick else "")))
             code = run_figure(name, args)["code"]
             if code:
                 return code

@@ -6,7 +6,8 @@ process-level start of its own compiled programs, and reports for each the loss 
 against wall-clock seconds since the run began (set-up and compilation included), and how long each
 took to reach the single-scale run's final loss. Writes ``multiscale.json`` and ``multiscale.png``.
 
-    python experiments/multiscale.py --size 384 --steps 120 --scales 192 --scale-steps 60 --out runs/multiscale
+    python experiments/multiscale.py --size 384 --steps 120 --scales 192 --scale-steps 60
+        --out runs/multiscale
     python experiments/multiscale.py --config configs/pastiche_objective.py --size 512 ...
 """
 
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--steps", type=int, default=120, help="steps of the single-scale run")
     ap.add_argument("--scales", default="192", help="comma-separated sizes of the coarse stages")
-    ap.add_argument("--scale-steps", default="60", help="comma-separated steps of the coarse stages")
+    ap.add_argument("--scale-steps", default="60",
+                    help="comma-separated steps of the coarse stages")
     ap.add_argument("--fine-steps", type=int, default=None,
                     help="steps at the output size after the coarse stages (default: --steps)")
     ap.add_argument("--out", default="runs/multiscale")
@@ -70,14 +72,15 @@ def main(argv=None) -> int:
         last = recs[-1].get("stage")
         fine = [r for r in recs if r.get("stage") == last]  # the records at the output size
         result[name] = {"scales": list(sc), "scale_steps": list(st), "steps": steps,
-                        "curve": [(r["elapsed_s"], r["loss"]) for r in fine], "final_loss": recs[-1]["loss"],
-                        "wall_s": recs[-1]["elapsed_s"]}
+                        "curve": [(r["elapsed_s"], r["loss"]) for r in fine],
+                        "final_loss": recs[-1]["loss"], "wall_s": recs[-1]["elapsed_s"]}
     target = result["single"]["final_loss"]
     for name, r in result.items():
         r["seconds_to_single_final_loss"] = time_to(
             [{"elapsed_s": s, "loss": l} for s, l in r["curve"]], target)
-        print(f"{name:10s} final loss {r['final_loss']:.5g} in {r['wall_s']:.1f} s; reached the single-scale "
-              f"final loss {target:.5g} after {r['seconds_to_single_final_loss']} s", flush=True)
+        print(f"{name:10s} final loss {r['final_loss']:.5g} in {r['wall_s']:.1f} s; reached the "
+              f"single-scale final loss {target:.5g} after "
+              f"{r['seconds_to_single_final_loss']} s", flush=True)
     a, b = (result[k]["seconds_to_single_final_loss"] for k in ("single", "multiscale"))
     result["speedup_to_single_final_loss"] = (a / b) if a and b else None
     print(f"speed-up to the single-scale final loss: {result['speedup_to_single_final_loss']}")

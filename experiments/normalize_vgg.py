@@ -36,8 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nstjax import images, network  # noqa: E402 - after the sys.path line
-from nstjax.weights import load_vgg19_with_info  # noqa: E402 - after the sys.path line
+from nstjax import images, network  # noqa: E402 - after sys.path
+from nstjax.weights import load_vgg19_with_info  # noqa: E402 - after sys.path
 
 SKIMAGE = "scikit-image==0.26.0"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")

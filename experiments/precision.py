@@ -46,7 +46,8 @@ def main(argv=None) -> int:
 
     params, info = load_vgg19_with_info()
     c = config_lib.get_config()
-    c.content, c.style, c.size, c.steps, c.progress = args.content, args.style, args.size, args.steps, False
+    c.content, c.style, c.size, c.steps, c.progress = (args.content, args.style, args.size,
+                                                       args.steps, False)
     c.log_every = 1
     base = config_lib.validate(c)
     problem = load_problem(base, params, info)
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     for dtype, precision in variants:
         obj = dataclasses.replace(base.objective, compute_dtype=dtype,
                                   precision=None if precision == "default" else "highest")
-        prob = dataclasses.replace(problem, spec=dataclasses.replace(base, objective=obj), objective=obj)
+        prob = dataclasses.replace(problem, spec=dataclasses.replace(base, objective=obj),
+                                   objective=obj)
         times = []
         t = [time.time()]
 

@@ -2,7 +2,8 @@
 partitioning, ``devices_per_image``), against nstjax.memory's model: the measurement behind
 docs/performance.md's "One image across several devices".
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python experiments/spatial_memory.py [--size 1024]
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python experiments/spatial_memory.py
+        [--size 1024]
 
 For each split, the default config's 10-step chunk is lowered and compiled (not run) for a batch of
 one image on a ("sweep", "rows") mesh of 1 x N devices, and ``compiled.memory_analysis()`` gives
@@ -50,17 +51,18 @@ def main() -> None:
         x = stage_inputs(programs, programs.devices.replicate(problem.params), [problem], 1)
         states = unaliased(x.states)
         layout = programs.devices.layout((x.images, states), x.images.shape[1:])
-        fn = _jitted(programs.devices.mesh, "steps", (("obj", x.obj), ("spec", x.opt), ("n_steps", n)),
-                     layout)
+        fn = _jitted(programs.devices.mesh, "steps",
+                     (("obj", x.obj), ("spec", x.opt), ("n_steps", n)), layout)
         compiled = fn.lower(x.params, x.targets, x.weights, x.images, states).compile()
         m = compiled.memory_analysis()
         measured = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                     - m.alias_size_in_bytes)
         need = memory.estimate_bytes(h, w, spec.objective.layers, spec.optimizer.name,
-                                     memory_size=spec.optimizer.memory_size, chunk_steps=n, platform="gpu")
+                                     memory_size=spec.optimizer.memory_size, chunk_steps=n,
+                                     platform="gpu")
         model = memory.per_device(need, rows, "gpu") - memory.base_bytes("gpu")
-        rows_out.append({"devices": rows, "per_device_mb": measured / 2**20, "model_mb": model / 2**20,
-                         "model_over_measured": model / measured,
+        rows_out.append({"devices": rows, "per_device_mb": measured / 2**20,
+                         "model_mb": model / 2**20, "model_over_measured": model / measured,
                          "arguments_mb": m.argument_size_in_bytes / 2**20,
                          "temporaries_mb": m.temp_size_in_bytes / 2**20})
         print(json.dumps(rows_out[-1]), flush=True)

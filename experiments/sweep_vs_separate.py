@@ -30,8 +30,8 @@ CONFIG = "configs/ablation_style_layers.py:quick"
 
 def nstjax(*args: str) -> float:
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "nstjax", *args], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+    r = subprocess.run([sys.executable, "-m", "nstjax", *args], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     if r.returncode != 0:
         sys.exit(f"nstjax {' '.join(args)} failed:\n{r.stderr}")
     return time.time() - t
@@ -58,7 +58,8 @@ def main() -> None:
     for p in points:
         overrides = [f"--config.{k}={literal(v)}" for k, v in p["overrides"].items()]
         separate.append(nstjax(f"--config={CONFIG}", "--config.sweep.axes=()",
-                               f"--workdir={out / 'separate' / str(p['index'])}", *common, *overrides))
+                               f"--workdir={out / 'separate' / str(p['index'])}", *common,
+                               *overrides))
 
     rows = []
     for p, s in zip(points, separate):

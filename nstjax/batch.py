@@ -104,9 +104,9 @@ def fingerprint(cfg: ml_collections.ConfigDict, problem: Problem) -> dict:
     }
 
 
-_FINGERPRINT_WORDS = {"config": "the config", "content": "the content image", "styles": "the style images",
-                      "init": "the init image", "weights": "the VGG-19 weights",
-                      "chunk_length": "the chunk length"}
+_FINGERPRINT_WORDS = {"config": "the config", "content": "the content image",
+                      "styles": "the style images", "init": "the init image",
+                      "weights": "the VGG-19 weights", "chunk_length": "the chunk length"}
 
 
 def _checker(directory: Path, expected: dict, spec: RunSpec):
@@ -131,8 +131,8 @@ def _padded(items: list, slots: int) -> list:
     return items + items[-1:] * (slots - len(items))
 
 
-def build_manifest(cfg: ml_collections.ConfigDict, problem: Problem, result: PointResult, timing: dict,
-                   status: str, extra: dict | None = None) -> dict:
+def build_manifest(cfg: ml_collections.ConfigDict, problem: Problem, result: PointResult,
+                   timing: dict, status: str, extra: dict | None = None) -> dict:
     """The record of a finished (or stopped) run: enough to re-run it and to trust its numbers."""
     spec = problem.spec
     inputs = problem.inputs or {}
@@ -145,7 +145,8 @@ def build_manifest(cfg: ml_collections.ConfigDict, problem: Problem, result: Poi
             "content": {"path": spec.content, "shape": list(problem.content.shape),
                         **inputs.get("content", {})},
             "styles": [{"path": p, "shape": list(s.shape), **d} for p, s, d in
-                       zip(spec.styles, problem.styles, inputs.get("styles", [{}] * len(spec.styles)))],
+                       zip(spec.styles, problem.styles,
+                           inputs.get("styles", [{}] * len(spec.styles)))],
             **({"init": inputs["init"]} if "init" in inputs else {}),
             "output": list(problem.content.shape),
         },
@@ -199,7 +200,8 @@ class _Point:
                 "elapsed_s": self.elapsed_before + time.time() - self.ctx.t_start}
         try:
             self.ckpts.save(state, meta)
-        except Exception as e:  # noqa: BLE001 - a full disk must not end the run: its outputs matter more
+        except Exception as e:  # noqa: BLE001 - a full disk must not end the run:
+            # its outputs matter more
             self.ctx.log(f"warning: could not save a checkpoint at step {state.step} in "
                          f"{self.ckpts.directory} ({' '.join(str(e).split())[:200]}); going on")
 
@@ -231,7 +233,8 @@ def _restore(points: list[_Point], problems: list[Problem]):
     cks = [p.ckpts for p in points]
     if any(c is None for c in cks):
         return None
-    templates = [RunState(0, np.asarray(pr.image), pr.spec.optimizer.build().init(jnp.asarray(pr.image)),
+    templates = [RunState(0, np.asarray(pr.image),
+                          pr.spec.optimizer.build().init(jnp.asarray(pr.image)),
                           pr.rng) for pr in problems]
     while True:
         common = set.intersection(*(set(c.steps()) for c in cks))
@@ -309,9 +312,11 @@ def _shared(found, problems: list[Problem], ctx: Context):
     if not int(devs.broadcast(np.int32(found is not None))):
         return None
     if found is None:
-        found = [(RunState(0, np.asarray(pr.image), pr.spec.optimizer.build().init(jnp.asarray(pr.image)),
-                           pr.rng), None) for pr in problems]
-    sent = devs.broadcast([(np.int32(st.step), np.asarray(st.image), jax.tree.map(np.asarray, st.opt_state))
+        found = [(RunState(0, np.asarray(pr.image),
+                           pr.spec.optimizer.build().init(jnp.asarray(pr.image)), pr.rng),
+                  None) for pr in problems]
+    sent = devs.broadcast([(np.int32(st.step), np.asarray(st.image),
+                            jax.tree.map(np.asarray, st.opt_state))
                            for st, _ in found])
     return [(dataclasses.replace(st, step=int(step), image=image, opt_state=opt), meta)
             for (st, meta), (step, image, opt) in zip(found, sent)]
@@ -369,12 +374,13 @@ def run_batch(jobs: list[Job], ctx: Context, objective: Objective, slots: int | 
             sinks = [p.sink(k, pr, h, w) if ended[j] is None else
                      dataclasses.replace(p.sink(k, pr, h, w), log=None, image=None, checkpoint=None)
                      for j, (p, pr) in enumerate(zip(points, problems))]
-            res = optimise(ctx.programs, dataclasses.replace(batch, start=start, judge=judge_in), sinks,
-                           timing, ctx.should_stop)
+            res = optimise(ctx.programs, dataclasses.replace(batch, start=start, judge=judge_in),
+                           sinks, timing, ctx.should_stop)
             first_chunk_s = res.first_chunk_s if first_chunk_s is None else first_chunk_s
             for j, r in enumerate(res.points):
                 if ended[j] is None and r.bad_terms is not None:
-                    ended[j] = dataclasses.replace(r, steps_done=points[j].offsets[k] + r.steps_done)
+                    ended[j] = dataclasses.replace(r,
+                                                   steps_done=points[j].offsets[k] + r.steps_done)
             if res.interrupted:
                 return BatchResult(_interrupted(points, problems, res.points, ended, k, ctx), True)
             if k == last:
@@ -383,8 +389,8 @@ def run_batch(jobs: list[Job], ctx: Context, objective: Objective, slots: int | 
                 if ended[j] is None:  # the stage's result, for a resume after the next stage starts
                     p.save(r.state)
             prev = [r.state.image for r in res.points]
-            ctx.log(f"stage {k + 1} of {last + 1} ({w}x{h}, {points[0].stages[k].steps} steps) done; "
-                    "upsampling")
+            ctx.log(f"stage {k + 1} of {last + 1} ({w}x{h}, {points[0].stages[k].steps} steps) "
+                    "done; upsampling")
     finally:
         for p in points:
             p.close_checkpoints()
@@ -434,15 +440,16 @@ def _say_resumed(points, ctx, k0, start, resumed, problems) -> None:
                 "from step 0")
 
 
-def _judge_inputs(points: list[_Point], ctx: Context, slots: int, cache: dict) -> JudgeInputs | None:
+def _judge_inputs(points: list[_Point], ctx: Context, slots: int,
+                  cache: dict) -> JudgeInputs | None:
     """The judge's targets of every point on the devices (None when the config turns it off)."""
     spec = points[0].job.spec
     if spec.judge is None:
         return None
     targets = [load_judge(p.job.spec, ctx.judge_params, cache) for p in points]
     return JudgeInputs(ctx.programs.devices.shard(_stack(_padded(targets, slots))),
-                       judging.objective(spec.objective.regions), judge_shape(spec), spec.judge.every,
-                       ctx.judge_on_devices)
+                       judging.objective(spec.objective.regions), judge_shape(spec),
+                       spec.judge.every, ctx.judge_on_devices)
 
 
 def stage_inputs(programs: Programs, params_on_devices, problems: list[Problem], slots: int,
@@ -454,7 +461,8 @@ def stage_inputs(programs: Programs, params_on_devices, problems: list[Problem],
             zip(restored or problems, problems)]
     x = devs.shard(np.stack(_padded(imgs, slots)), imgs[0].shape)
     if restored:
-        states = devs.shard(_stack(_padded([st.opt_state for st in restored], slots)), imgs[0].shape)
+        states = devs.shard(_stack(_padded([st.opt_state for st in restored], slots)),
+                            imgs[0].shape)
     else:
         states = programs.init(x, spec=spec.optimizer)
     return StageInputs(
@@ -473,7 +481,8 @@ def optimise_problem(problem: Problem, *, progress: bool = False,
     spec = problem.spec
     inputs = stage_inputs(programs, programs.devices.replicate(problem.params), [problem], 1)
     sink = Sink(spec.objective.term_names, problem.output, log=on_log)
-    return optimise(programs, inputs, [sink], Timing(time.time(), progress, spec.log_every)).points[0]
+    return optimise(programs, inputs, [sink],
+                    Timing(time.time(), progress, spec.log_every)).points[0]
 
 
 def _extra(p: _Point, k: int) -> dict:
@@ -507,5 +516,6 @@ def _interrupted(points, problems, results, ended, k, ctx) -> list[Outcome]:
             continue
         p.save(r.state)
         r = dataclasses.replace(r, steps_done=p.offsets[k] + r.steps_done)
-        out.append(_finish(p, pr, r, t, k, ctx, status=f"interrupted at step {r.steps_done} ({name})"))
+        out.append(_finish(p, pr, r, t, k, ctx,
+                           status=f"interrupted at step {r.steps_done} ({name})"))
     return out

@@ -60,7 +60,8 @@ def _file_digests(step_dir: Path) -> dict[str, str]:
 
 
 def verify_files(step_dir: Path) -> None:
-    """Raises ValueError unless every file listed in ``step_dir``'s file list is present and intact."""
+    """Raises ValueError unless every file listed in ``step_dir``'s file list is present and
+    intact."""
     listing = step_dir / FILES_LIST
     if not listing.is_file():
         raise ValueError(f"{FILES_LIST} is missing (killed right after saving?)")
@@ -102,8 +103,8 @@ def to_tree(state: RunState) -> dict:
 def from_tree(tree: dict, template: RunState) -> RunState:
     treedef = jax.tree.structure(template.opt_state)
     leaves = [tree["opt_state"][k] for k in sorted(tree["opt_state"])]
-    return RunState(int(np.asarray(tree["step"])), tree["image"], jax.tree.unflatten(treedef, leaves),
-                    tree["rng"])
+    return RunState(int(np.asarray(tree["step"])), tree["image"],
+                    jax.tree.unflatten(treedef, leaves), tree["rng"])
 
 
 def layout(state: RunState) -> list:
@@ -177,7 +178,8 @@ class Checkpoints:
     """The checkpoints of one run in ``directory`` (an orbax ``CheckpointManager``), newest
     ``keep`` kept. ``log`` gets one-line messages (default: stderr)."""
 
-    def __init__(self, directory: str | Path, keep: int = 2, log: Callable[[str], None] | None = None):
+    def __init__(self, directory: str | Path, keep: int = 2,
+                 log: Callable[[str], None] | None = None):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
@@ -186,7 +188,8 @@ class Checkpoints:
         self.failed = 0  # saves that could not be written
         self.directory.mkdir(parents=True, exist_ok=True)
         for tmp in sorted(self.directory.glob(f"*{TMP_MARK}*")):
-            self.log(f"removed a half-written checkpoint {tmp.name} (the run was killed while saving)")
+            self.log(f"removed a half-written checkpoint {tmp.name} (the run was killed while "
+                     "saving)")
             shutil.rmtree(tmp, ignore_errors=True)
         alone = {}
         if jax.process_count() > 1:
@@ -200,7 +203,8 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(**{"max_to_keep": max(1, keep), "create": True,
                                                   "enable_async_checkpointing": False,
                                                   "cleanup_tmp_directories": True, **alone})
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "meta"))
 
     def steps(self) -> list[int]:
         return sorted(self._mgr.all_steps())
@@ -215,7 +219,7 @@ class Checkpoints:
         try:
             with _quiet_asyncio():  # orbax's threads log every failed write with a traceback
                 return self._save(state, meta)
-        except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many kinds for one failed write)
+        except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many kinds per failed write)
             _drop_orphaned_write_reports()
             self._discard(state.step)
             if not self.failed:
@@ -227,8 +231,8 @@ class Checkpoints:
 
     def _save(self, state: RunState, meta: dict | None) -> bool:
         ocp = self._ocp
-        meta = {**(meta or {}), "step": int(state.step), "digest": digest(state), "layout": layout(state),
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        meta = {**(meta or {}), "step": int(state.step), "digest": digest(state),
+                "layout": layout(state), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         saved = self._mgr.save(int(state.step), force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(to_tree(state)), meta=ocp.args.JsonSave(meta)))
         self._mgr.wait_until_finished()
@@ -254,11 +258,13 @@ class Checkpoints:
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise ValueError("its record is missing or names another step")
         if meta.get("layout") != layout(template):
-            raise ValueError("its arrays do not have this run's shapes (another optimiser or size?)")
+            raise ValueError("its arrays do not have this run's shapes (another optimiser or "
+                             "size?)")
         if check_meta is not None:
             check_meta(meta)  # a UserError here is not damage: it propagates
         target = to_tree(dataclasses.replace(template, step=step))
-        tree = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        tree = self._mgr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         state = from_tree(tree, template)
         if state.step != step:
             raise ValueError(f"it holds step {state.step}")
@@ -274,13 +280,14 @@ class Checkpoints:
         ``steps``: only these steps are tried (the points of a batch resume at one step)."""
         from nstjax.errors import UserError
 
-        for step in reversed(self.steps() if steps is None else sorted(set(steps) & set(self.steps()))):
+        for step in reversed(self.steps() if steps is None
+                             else sorted(set(steps) & set(self.steps()))):
             try:
                 with _quiet_asyncio():
                     return self._restore_step(step, template, check_meta)
             except UserError:
                 raise
-            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on damaged files
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on damage
                 why = " ".join(str(e).split())[:200] or type(e).__name__
                 moved = self._set_aside(step)
                 self.log(f"checkpoint at step {step} is damaged ({why}); moved it to {moved} "

@@ -47,8 +47,8 @@ from nstjax.errors import RunInterrupted, UserError, why_missing
 EXIT_USER_ERROR = 2
 EXIT_REPLAY_DIFFERENT = 1
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: what a shell reports for a program killed by SIGPIPE
-SWEEP_STOPPED = ("stopped by {name}; finished points are kept: run the same command again to finish "
-                 "the points not yet done")
+SWEEP_STOPPED = ("stopped by {name}; finished points are kept: run the same command again to "
+                 "finish the points not yet done")
 
 
 class ConfigFileError(UserError):
@@ -87,8 +87,9 @@ def _config_file_parser() -> type:
         ``get_config(ARG)``, lock the result), except that any error in FILE or its get_config() is
         raised as a :class:`ConfigFileError` naming the file and line. (ml_collections turns a
         TypeError or ValueError into a flag error whose message is the whole traceback, keeps an
-        OSError for the first use of the config, where it surfaces as a traceback, and lets the others
-        through without saying where; absl wraps only TypeError and ValueError, so this one passes.)"""
+        OSError for the first use of the config, where it surfaces as a traceback, and lets the
+        others through without saying where; absl wraps only TypeError and ValueError, so this one
+        passes.)"""
 
         def __init__(self, name: str, original: flags.ArgumentParser):
             self.module_name = f"{name}_config"  # the module name ml_collections gives the file
@@ -100,9 +101,12 @@ def _config_file_parser() -> type:
         def parse(self, path):
             file, *arg = path.split(":", 1)  # as ml_collections splits it
             try:
-                loader = importlib.machinery.SourceFileLoader(self.module_name, os.path.expanduser(file))
-                module = importlib.util.module_from_spec(importlib.util.spec_from_loader(self.module_name, loader))
-                sys.modules[self.module_name] = module  # as load_module() did: dataclasses, pickle look there
+                loader = importlib.machinery.SourceFileLoader(self.module_name,
+                                                              os.path.expanduser(file))
+                module = importlib.util.module_from_spec(
+                    importlib.util.spec_from_loader(self.module_name, loader))
+                # as load_module() did: dataclasses, pickle look there
+                sys.modules[self.module_name] = module
                 try:
                     loader.exec_module(module)
                 except BaseException:
@@ -114,12 +118,13 @@ def _config_file_parser() -> type:
                 config = get_config(*arg)
             except ConfigFileError:
                 raise
-            except Exception as e:  # noqa: BLE001 - the config file is user code: any error in it is the user's
+            except Exception as e:  # noqa: BLE001 - the config file is user code:
+                # any error in it is the user's to fix
                 raise ConfigFileError(describe_config_error(file, e)) from None
             if not isinstance(config, ml_collections.ConfigDict):
                 missing = " (is its return missing?)" if config is None else ""
-                raise ConfigFileError(f"{file}: get_config() returned {type(config).__name__}, not an "
-                                      f"ml_collections.ConfigDict{missing}")
+                raise ConfigFileError(f"{file}: get_config() returned {type(config).__name__}, not "
+                                      f"an ml_collections.ConfigDict{missing}")
             config.lock()
             return config
 
@@ -144,24 +149,26 @@ def make_flags(argv: list[str]):
     # makes a new parser rather than caching one per original parser for ever.
     flag.parser = _config_file_parser()(name="config", original=flag.parser)
     flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Replace a run in --workdir instead of refusing (or resuming).",
+    flags.DEFINE_bool("overwrite", False,
+                      "Replace a run in --workdir instead of refusing (or resuming).",
                       flag_values=fv)
-    flags.DEFINE_string("replay", None, "Re-run the finished run in this workdir from its manifest and "
-                        "compare the results.", flag_values=fv)
+    flags.DEFINE_string("replay", None, "Re-run the finished run in this workdir from its manifest "
+                        "and compare the results.", flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "Print a sweep's points and batches; compute nothing.",
                       flag_values=fv)
-    flags.DEFINE_integer("print_every", None, "Print the loss and every weighted term every N steps "
-                         "on stdout; sets config.print_every.", flag_values=fv)
+    flags.DEFINE_integer("print_every", None, "Print the loss and every weighted term every N "
+                         "steps on stdout; sets config.print_every.", flag_values=fv)
     flags.DEFINE_string("output", None, "Also write the final image to this file, in the format of "
-                        "its extension (.png, .jpg, .webp, .tif); sets config.output.", flag_values=fv)
+                        "its extension (.png, .jpg, .webp, .tif); sets config.output.",
+                        flag_values=fv)
     # A multi-process sweep without cluster auto-detection (nstjax/hosts.py, docs/multihost.md)
     flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, where every process of a "
                         "multi-process sweep meets.", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "How many processes run the sweep.", flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "This process's id, 0 to num_processes - 1 (0 writes the "
-                         "files).", flag_values=fv)
-    flags.DEFINE_integer("init_timeout", 120, "Seconds for every process of a multi-process sweep to "
-                         "reach the coordinator and each other.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's id, 0 to num_processes - 1 (0 writes "
+                         "the files).", flag_values=fv)
+    flags.DEFINE_integer("init_timeout", 120, "Seconds for every process of a multi-process sweep "
+                         "to reach the coordinator and each other.", lower_bound=1, flag_values=fv)
     return fv
 
 
@@ -188,7 +195,8 @@ def _config_file_problem(path: str) -> str | None:
         why = why_missing(file)
         if why == "no such file":
             return f"config file {file} does not exist"
-        return f"config file {file} {why}" if why.startswith("cannot") else f"config file {file} is {why}"
+        return (f"config file {file} {why}" if why.startswith("cannot")
+                else f"config file {file} is {why}")
     if os.path.isdir(file):
         return f"config file {file} is a directory, not a Python file defining get_config()"
     return f"config file {file} is not a regular file"
@@ -241,7 +249,8 @@ def _parse(argv: list[str]):
     if fv.print_every is not None:
         fv.config.print_every = fv.print_every  # validated with the rest of the config
     if fv.output is not None:
-        if fv.replay:  # a replay checks final.png; it must not overwrite the original's --output file
+        # a replay checks final.png; it must not overwrite the original's --output file
+        if fv.replay:
             return None, _fail("--output cannot be used with --replay")
         fv.config.output = fv.output  # validated with the rest of the config, before any work
     try:
@@ -280,12 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from nstjax import hosts, sweep
 
-    launch = hosts.parse_launch(fv.coordinator, fv.num_processes, fv.process_id)  # checked in _parse
+    # checked in _parse
+    launch = hosts.parse_launch(fv.coordinator, fv.num_processes, fv.process_id)
     if launch is not None or (sweep.is_sweep(fv.config) and fv.config.sweep.distributed):
         if fv.replay or not sweep.is_sweep(fv.config):
-            return _fail("--coordinator, --num_processes and --process_id (or sweep.distributed) run a "
-                         "sweep over several processes; this is not a sweep (set sweep.axes or "
-                         "sweep.points)")
+            return _fail("--coordinator, --num_processes and --process_id (or sweep.distributed) "
+                         "run a sweep over several processes; this is not a sweep (set sweep.axes "
+                         "or sweep.points)")
         try:  # first of all: before anything starts a JAX backend
             hosts.start(launch, fv.init_timeout)
         except UserError as e:
@@ -333,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nstjax: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("nstjax: interrupted at once by a second Ctrl-C; the last periodic checkpoint is kept "
-              "(run the same command again to resume)", file=sys.stderr)
+        print("nstjax: interrupted at once by a second Ctrl-C; the last periodic checkpoint is "
+              "kept (run the same command again to resume)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout's reader went away: not an error to report (see entry)
         raise
@@ -347,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: keep the traceback
         return _fail(message)
     final = summary["final_terms"]
-    resumed = f", resumed from step {summary['resumed_from']}" if summary.get("resumed_from") is not None else ""
+    resumed = (f", resumed from step {summary['resumed_from']}"
+               if summary.get("resumed_from") is not None else "")
     print(f"nstjax: wrote {os.path.join(fv.workdir, 'final.png')}: {summary['steps_done']} steps, "
           f"loss {final['loss']:.4g}, {summary['wall_s']:.1f} s{resumed}")
     return 0
@@ -359,7 +370,8 @@ def entry() -> None:
     interrupts.install()  # first of all: before this, a Ctrl-C is a traceback
     try:
         code = main()
-        sys.stdout.flush()  # so a reader that went away shows here, not in the interpreter's last flush
+        # so a reader that went away shows here, not in the interpreter's last flush
+        sys.stdout.flush()
     except BrokenPipeError:
         # The reader of stdout stopped reading (``| head -1``). Python ignores SIGPIPE, so the write
         # raised instead of ending the process: end quietly, with the exit code of a SIGPIPE death.

@@ -94,13 +94,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 50  # steps between orbax checkpoints in checkpoints/; 0 = none
     c.checkpoint_keep = 2  # newest checkpoints kept
     # The judge (nstjax/judge.py): fixed reference metrics of every result, comparable across the
-    # points of an ablation: judge_style, judge_content, judge_color in the manifest and summary.csv.
+    # points of an ablation: judge_style, judge_content, judge_color in the manifest and
+    # summary.csv.
     c.judge = judge_defaults()
     # Sweeps (nstjax/sweep.py, docs/sweeps.md): many runs as one compiled program per batch of
     # points that share image shapes. Empty axes and points = a single run.
     c.sweep = ml_collections.ConfigDict({
         # ((field, (value, ...)), ...): the product of these axes; fields may be dotted paths
-        # ("optimizer.learning_rate"). Pairs rather than a dict: ConfigDict sorts keys, refuses dots.
+        # ("optimizer.learning_rate"). Pairs rather than a dict: ConfigDict sorts keys, refuses
+        # dots.
         "axes": (),
         "points": (),  # ({field: value, ...}, ...): explicit points (each times the axes' product)
         "grid": ("", ""),  # swept fields for grid.png's rows and columns; "" = the first ones
@@ -112,7 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Style statistic of the style layers: "gram" (Gatys 2015), "mean_std" (channel means and
     # standard deviations), "w2" (Wasserstein-2 distance between fitted Gaussians).
     c.style_stat = "gram"
-    c.hist_layers = ()  # histogram loss layers (Risser et al. 2017), e.g. relu1_1,relu4_1; empty = off
+    # histogram loss layers (Risser et al. 2017), e.g. relu1_1,relu4_1; empty = off
+    c.hist_layers = ()
     c.hist_layer_weights = ()  # one per histogram layer; empty = 1/L each
     c.hist_weight = 5e2  # weight of the histogram loss (when hist_layers is set)
     # "none"; "luminance": transfer on luminance only, keeping the content's chroma; "histogram":
@@ -122,7 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Spatial control (Gatys et al. 2017): mask images, comma-separated, one per style image; white
     # marks the content region that style image paints. Empty = the whole image, styles blended.
     c.content_masks = ""
-    c.style_masks = ""  # optional masks of the style images (which part of each to take); empty = all
+    # optional masks of the style images (which part of each to take); empty = all
+    c.style_masks = ""
     # Scale control (Gatys et al. 2017): one index into the `style` list per style layer, the image
     # that layer's statistics come from (coarse layers from one painting, fine from another).
     # Empty = every layer from the blend of all the style images.
@@ -181,7 +185,8 @@ def _number(cfg, name: str, *, positive: bool = False, most: float = FLOAT32_MAX
     if not math.isfinite(value):
         raise ConfigError(f"{name} must be finite, not {value}")
     if value < 0 or (positive and value == 0):
-        raise ConfigError(f"{name} must be {'positive' if positive else 'non-negative'}, not {value}")
+        raise ConfigError(f"{name} must be {'positive' if positive else 'non-negative'}, not "
+                          f"{value}")
     if value > most:
         raise ConfigError(f"{name} must be at most {most:g}, not {value:g}")
     return value
@@ -245,8 +250,8 @@ def _layers(cfg, name: str) -> tuple[str, ...]:
     for v in value:  # --config.style_layers=relu1_1,relu2_1 gives ("relu1_1,relu2_1",)
         if "," in v:
             parts = tuple(p.strip() for p in v.split(",") if p.strip())
-            raise ConfigError(f"{name}: {v!r} is one name with commas in it; give several layers as a "
-                              f"tuple: --config.{name}=\"{parts!r}\"")
+            raise ConfigError(f"{name}: {v!r} is one name with commas in it; give several layers "
+                              f"as a tuple: --config.{name}=\"{parts!r}\"")
     layers = vgg.check_layers(tuple(value), name.rstrip("s").replace("_", " "))
     twice = sorted({v for v in layers if layers.count(v) > 1})
     if twice:  # its terms would be logged under one name, each metric half of what it shows
@@ -268,7 +273,8 @@ def validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     except ConfigError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as e:
-        raise ConfigError(f"invalid config: {' '.join(str(e).split()) or type(e).__name__}") from None
+        raise ConfigError("invalid config: "
+                          f"{' '.join(str(e).split()) or type(e).__name__}") from None
 
 
 def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
@@ -279,8 +285,8 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
     if missing:
         raise ConfigError(f"config field(s) missing: {', '.join(sorted(missing))}")
     content_layers, style_layers = _layers(cfg, "content_layers"), _layers(cfg, "style_layers")
-    for name in ("pooling", "content_norm", "gram_norm", "tv_kind", "precision", "init", "weights_path",
-                 "compute_dtype"):
+    for name in ("pooling", "content_norm", "gram_norm", "tv_kind", "precision", "init",
+                 "weights_path", "compute_dtype"):
         _str(cfg, name)
     if cfg.precision not in ("default", "highest"):
         raise ConfigError(f"precision must be 'default' or 'highest', not {cfg.precision!r}")
@@ -289,7 +295,8 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
                     precision=None if cfg.precision == "default" else "highest")
     o = cfg.optimizer
     if not isinstance(o, (dict, ml_collections.ConfigDict)):
-        raise ConfigError(f"optimizer must be a group of settings (name, learning_rate, ...), not {o!r}")
+        raise ConfigError("optimizer must be a group of settings (name, learning_rate, ...), not "
+                          f"{o!r}")
     extra = set(o.keys()) - {"name", "learning_rate", "memory_size", "b1", "b2"}
     if extra:
         raise ConfigError(f"unknown optimizer field(s): {', '.join(sorted(extra))}")
@@ -298,7 +305,8 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
             raise ConfigError(f"optimizer.{k} must be a number, not {o[k]!r}")
     if "name" in o and not isinstance(o["name"], str):
         raise ConfigError(f"optimizer.name must be a string, not {o['name']!r}")
-    if "memory_size" in o and (isinstance(o["memory_size"], bool) or not isinstance(o["memory_size"], int)):
+    if "memory_size" in o and (isinstance(o["memory_size"], bool)
+                               or not isinstance(o["memory_size"], int)):
         raise ConfigError(f"optimizer.memory_size must be an integer, not {o['memory_size']!r}")
     for k in ("b1", "b2"):
         if k in o and not 0.0 <= o[k] < 1.0:
@@ -317,11 +325,14 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         raise ConfigError("style_blend weights must not all be zero")
     clw, slw = _numbers(cfg, "content_layer_weights"), _numbers(cfg, "style_layer_weights")
     if clw and len(clw) != len(content_layers):
-        raise ConfigError(f"content_layer_weights has {len(clw)} weights for {len(content_layers)} content layers")
+        raise ConfigError(f"content_layer_weights has {len(clw)} weights for {len(content_layers)} "
+                          "content layers")
     if slw and len(slw) != len(style_layers):
-        raise ConfigError(f"style_layer_weights has {len(slw)} weights for {len(style_layers)} style layers")
+        raise ConfigError(f"style_layer_weights has {len(slw)} weights for {len(style_layers)} "
+                          "style layers")
     init = str(cfg.init)
-    if init not in INITS and not (init.startswith(("builtin:", "memory:")) or "/" in init or "." in init):
+    if init not in INITS and not (init.startswith(("builtin:", "memory:")) or "/" in init
+                                  or "." in init):
         raise ConfigError(f"init must be one of {', '.join(INITS)} or an image path, not {init!r}")
     if cfg.style_resize not in ("long_side", "pixels"):
         raise ConfigError(f"style_resize must be 'long_side' or 'pixels', not {cfg.style_resize!r}")
@@ -344,7 +355,8 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
         scales=_ints(cfg, "scales"), scale_steps=_ints(cfg, "scale_steps"),
         log_every=_int(cfg, "log_every", 1), save_every=_int(cfg, "save_every", 0),
         chunk=_int(cfg, "chunk", 1, MAX_CHUNK),
-        checkpoint_every=_int(cfg, "checkpoint_every", 0), checkpoint_keep=_int(cfg, "checkpoint_keep", 1),
+        checkpoint_every=_int(cfg, "checkpoint_every", 0),
+        checkpoint_keep=_int(cfg, "checkpoint_keep", 1),
         normalize_gradients=cfg.normalize_gradients,
     )
     _validate_output(cfg)
@@ -355,7 +367,8 @@ def _validate(cfg: ml_collections.ConfigDict) -> RunSpec:
 
 
 def _validate_output(cfg: ml_collections.ConfigDict) -> None:
-    """``output``'s name and ``output_bits`` (the disk is checked later, by :func:`nstjax.run.run`)."""
+    """``output``'s name and ``output_bits`` (the disk is checked later, by
+    :func:`nstjax.run.run`)."""
     from nstjax.output import output_format
 
     path, bits = _str(cfg, "output"), _int(cfg, "output_bits", 0, 16)
@@ -372,32 +385,36 @@ def _validate_extensions(cfg: ml_collections.ConfigDict, spec: RunSpec) -> RunSp
     hist_layers = _layers(cfg, "hist_layers") if "hist_layers" in cfg else ()
     hlw = _numbers(cfg, "hist_layer_weights") if "hist_layer_weights" in cfg else ()
     if hlw and len(hlw) != len(hist_layers):
-        raise ConfigError(f"hist_layer_weights has {len(hlw)} weights for {len(hist_layers)} histogram layers")
+        raise ConfigError(f"hist_layer_weights has {len(hlw)} weights for {len(hist_layers)} "
+                          "histogram layers")
     hist_weight = _number(cfg, "hist_weight") if "hist_weight" in cfg else 0.0
     if hist_layers and not spec.styles:
         raise ConfigError("histogram layers are set but no style image is given (config.style)")
     preserve = str(cfg.get("preserve_color", "none"))
     if preserve not in PRESERVE_COLOR:
-        raise ConfigError(f"preserve_color must be one of {', '.join(PRESERVE_COLOR)}, not {preserve!r}")
+        raise ConfigError(f"preserve_color must be one of {', '.join(PRESERVE_COLOR)}, not "
+                          f"{preserve!r}")
     space = str(cfg.get("color_space", "yiq"))
     if space not in SPACES:
         raise ConfigError(f"color_space must be one of {', '.join(SPACES)}, not {space!r}")
     content_masks, style_masks = _paths(cfg, "content_masks"), _paths(cfg, "style_masks")
     if content_masks and len(content_masks) != len(spec.styles):
-        raise ConfigError(f"content_masks has {len(content_masks)} masks for {len(spec.styles)} style "
-                          "images (one mask per style image)")
+        raise ConfigError(f"content_masks has {len(content_masks)} masks for {len(spec.styles)} "
+                          "style images (one mask per style image)")
     if content_masks and spec.style_blend:
-        raise ConfigError("style_blend cannot be combined with content_masks (each mask has its own style)")
+        raise ConfigError("style_blend cannot be combined with content_masks (each mask has its "
+                          "own style)")
     if style_masks and len(style_masks) != len(spec.styles):
-        raise ConfigError(f"style_masks has {len(style_masks)} masks for {len(spec.styles)} style images")
+        raise ConfigError(f"style_masks has {len(style_masks)} masks for {len(spec.styles)} style "
+                          "images")
     if (content_masks or style_masks) and not (spec.objective.style_layers or hist_layers):
         raise ConfigError("masks are given but there are no style or histogram layers")
     obj = dataclasses.replace(spec.objective, style_stat=str(cfg.get("style_stat", "gram")),
                               hist_layers=hist_layers, regions=len(content_masks))
     spec = dataclasses.replace(
-        spec, objective=obj, hist_weight=hist_weight, hist_layer_weights=hlw, preserve_color=preserve,
-        color_space=space, content_masks=content_masks, style_masks=style_masks,
-        network=check_network(_str(cfg, "network")))
+        spec, objective=obj, hist_weight=hist_weight, hist_layer_weights=hlw,
+        preserve_color=preserve, color_space=space, content_masks=content_masks,
+        style_masks=style_masks, network=check_network(_str(cfg, "network")))
     spec = dataclasses.replace(spec, style_layer_images=_style_layer_images(cfg, spec))
     multiscale.stages(spec)  # checks scales against size and scale_steps
     return spec

@@ -29,8 +29,8 @@ def weighted_quantiles(values: jax.Array, weights: jax.Array | None, q: int) -> 
     """Quantile functions of the columns of ``values`` (N, C), sampled at (r + 1/2) / q.
 
     ``weights`` (N,) are non-negative sample weights (None = equal); samples of weight zero do not
-    count. Sample i of sorted order sits at its cumulative weight midpoint, so with equal weights and
-    ``q == N`` the result is exactly the sorted columns. Returns (q, C).
+    count. Sample i of sorted order sits at its cumulative weight midpoint, so with equal weights
+    and ``q == N`` the result is exactly the sorted columns. Returns (q, C).
     """
     values = jnp.asarray(values, jnp.float32)
     n = values.shape[0]

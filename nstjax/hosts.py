@@ -24,13 +24,14 @@ tests/test_multihost.py: process 0 printed its line 0.45 s after process 1 was k
 a host that vanishes without closing it (power, network) is noticed after :data:`SILENCE_S`
 seconds without its pings. (When process 0 dies, JAX's client in the others, whose coordination
 service died with it, notices at the same instant and may log its own fatal lines first: 2 of 6
-tries on localhost; docs/multihost.md.) A watcher thread then prints ``nstjax: error: lost process I of N ...``
-and ends the process with exit code 2 (``os._exit``: the main thread may be blocked inside a
-collective that would never return, and JAX's exit handler would wait in a shutdown barrier for
-the dead peer). A process that ends by itself says so first (:func:`finish`): after a clean end
-its peers carry on to JAX's shutdown barrier; after a failure (a refused workdir on process 0, say)
-they end, within :data:`GRACE_S` seconds, with a line naming it, unless they end by themselves
-first (a SIGTERM reaching every process stops each at the same chunk, each with its own line).
+tries on localhost; docs/multihost.md.) A watcher thread then prints
+``nstjax: error: lost process I of N ...`` and ends the process with exit code 2 (``os._exit``: the
+main thread may be blocked inside a collective that would never return, and JAX's exit handler would
+wait in a shutdown barrier for the dead peer). A process that ends by itself says so first
+(:func:`finish`): after a clean end its peers carry on to JAX's shutdown barrier; after a failure (a
+refused workdir on process 0, say) they end, within :data:`GRACE_S` seconds, with a line naming it,
+unless they end by themselves first (a SIGTERM reaching every process stops each at the same chunk,
+each with its own line).
 """
 
 from __future__ import annotations
@@ -74,17 +75,18 @@ def parse_launch(coordinator: str | None, num_processes: int | None, process_id:
         return None
     missing = [f"--{k}" for k, v in given.items() if v is None]
     if missing:
-        return _refuse(f"a multi-process launch needs --coordinator=HOST:PORT, --num_processes=N and "
-                       f"--process_id=I together ({' and '.join(missing)} missing)")
+        return _refuse("a multi-process launch needs --coordinator=HOST:PORT, --num_processes=N "
+                       f"and --process_id=I together ({' and '.join(missing)} missing)")
     m = _ADDRESS.match(coordinator.strip())
     if not m or not 0 < int(m.group(2)) < 65536:
-        return _refuse(f"--coordinator={coordinator}: expected HOST:PORT, a host name or address and "
-                       "a port from 1 to 65535 (e.g. 10.0.0.1:1234)")
+        return _refuse(f"--coordinator={coordinator}: expected HOST:PORT, a host name or address "
+                       "and a port from 1 to 65535 (e.g. 10.0.0.1:1234)")
     if num_processes < 1:
         return _refuse(f"--num_processes={num_processes}: must be at least 1")
     if not 0 <= process_id < num_processes:
-        return _refuse(f"--process_id={process_id} is out of range: with --num_processes={num_processes} "
-                       f"the process ids are 0 to {num_processes - 1}")
+        return _refuse(f"--process_id={process_id} is out of range: with "
+                       f"--num_processes={num_processes} the process ids are 0 to "
+                       f"{num_processes - 1}")
     return Launch(coordinator.strip(), num_processes, process_id)
 
 
@@ -150,17 +152,20 @@ def start(launch: Launch | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) ->
         jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
-                                   local_device_ids=local_ids, initialization_timeout=int(timeout_s))
+                                   local_device_ids=local_ids,
+                                   initialization_timeout=int(timeout_s))
     except RuntimeError as e:
         if "must be called before" in str(e):
             raise UserError("jax.distributed.initialize() must run before anything uses JAX: call "
                             "nstjax.run_sweep first in a fresh process (or initialize it yourself)"
                             ) from None
-        raise UserError(f"process {launch.process_id} of {launch.num_processes} could not start JAX's "
-                        f"distributed runtime at {launch.coordinator} ({_first_line(e)})") from None
+        raise UserError(f"process {launch.process_id} of {launch.num_processes} could not start "
+                        f"JAX's distributed runtime at {launch.coordinator} "
+                        f"({_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 (jaxlib's errors: XlaRuntimeError, grpc statuses)
-        raise UserError(f"process {launch.process_id} of {launch.num_processes} could not start JAX's "
-                        f"distributed runtime at {launch.coordinator} ({_first_line(e)})") from None
+        raise UserError(f"process {launch.process_id} of {launch.num_processes} could not start "
+                        f"JAX's distributed runtime at {launch.coordinator} "
+                        f"({_first_line(e)})") from None
     _started = True
 
 
@@ -173,7 +178,8 @@ def _detect(timeout_s: float) -> tuple[Launch, list | None]:
         found = clusters.ClusterEnv.auto_detect_unset_distributed_params(
             os.environ.get("JAX_COORDINATOR_ADDRESS"), None, None, None, None, int(timeout_s))
     except Exception as e:  # noqa: BLE001 (a cluster's metadata server may fail in many ways)
-        raise UserError(f"sweep.distributed=True: detecting the cluster failed ({_first_line(e)})") from None
+        raise UserError("sweep.distributed=True: detecting the cluster failed "
+                        f"({_first_line(e)})") from None
     coordinator, n, pid, local_ids = found
     if coordinator is None or n is None or pid is None:
         raise UserError("sweep.distributed=True, but no cluster was detected (SLURM, Open MPI, "
@@ -257,7 +263,8 @@ class _Lifeline:
             try:
                 server = socket.create_server(("", port))
             except OSError as e:
-                raise OSError(e.errno, f"cannot listen on port {port} ({e.strerror or e})") from None
+                raise OSError(e.errno,
+                              f"cannot listen on port {port} ({e.strerror or e})") from None
         with server:
             while len(self.socks) < self.count - 1:
                 server.settimeout(max(0.05, deadline - time.monotonic()))
@@ -265,8 +272,9 @@ class _Lifeline:
                     conn, _ = server.accept()
                 except TimeoutError:
                     missing = sorted(set(range(1, self.count)) - set(self.socks))
-                    raise OSError(f"process{'es' * (len(missing) > 1)} {', '.join(map(str, missing))} "
-                                  f"did not arrive within {int(timeout_s)} s") from None
+                    raise OSError(f"process{'es' * (len(missing) > 1)} "
+                                  f"{', '.join(map(str, missing))} did not arrive within "
+                                  f"{int(timeout_s)} s") from None
                 conn.settimeout(max(0.05, deadline - time.monotonic()))
                 try:
                     word, pid, n = (_readline(conn).split() + ["", "", ""])[:3]
@@ -298,7 +306,8 @@ class _Lifeline:
         why = "nothing listens there"
         while True:
             try:
-                conn = socket.create_connection((host, port), timeout=max(0.05, min(5.0, deadline - time.monotonic())))
+                conn = socket.create_connection(
+                    (host, port), timeout=max(0.05, min(5.0, deadline - time.monotonic())))
                 break
             except OSError as e:
                 why = e.strerror or str(e)

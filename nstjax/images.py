@@ -52,7 +52,8 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
         return builtin_style().copy()
     if str(path).startswith(MEMORY):
         if str(path) not in _IN_MEMORY:
-            raise ImageError(f"{path}: no such image in memory (names are valid during the call that made them)")
+            raise ImageError(f"{path}: no such image in memory (names are valid during the call "
+                             "that made them)")
         return _IN_MEMORY[str(path)]
     p = Path(path).expanduser()
     try:
@@ -72,7 +73,8 @@ def load_pil(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 if im.width * im.height > MAX_PIXELS:
-                    raise ImageError(f"{p}: {im.width}x{im.height} pixels is too large to decode safely")
+                    raise ImageError(f"{p}: {im.width}x{im.height} pixels is too large to decode "
+                                     "safely")
                 im.load()
                 im = _exif_upright(im)
                 return _to_rgb(im)
@@ -105,7 +107,8 @@ def from_any(image, what: str = "image") -> Image.Image:
         a = np.asarray(image)
     except Exception:  # noqa: BLE001 - whatever it is, it is not an image
         a = None
-    if a is None or a.dtype == object or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
+    if (a is None or a.dtype == object or a.ndim not in (2, 3)
+            or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4))):
         shape = getattr(a, "shape", None)
         raise ImageError(f"{what}: expected an (H, W, 3) array, a PIL image or a path, not "
                          f"{type(image).__name__}{'' if shape is None else f' of shape {shape}'}")
@@ -199,7 +202,8 @@ def save_png(path: str | os.PathLike, image) -> None:
 
 @functools.lru_cache(maxsize=1)
 def builtin_content() -> Image.Image:
-    """Grace Hopper's portrait (US Navy photo, public domain), shipped in matplotlib's sample data."""
+    """Grace Hopper's portrait (US Navy photo, public domain), shipped in matplotlib's sample
+    data."""
     import matplotlib.cbook
 
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
@@ -234,7 +238,8 @@ def builtin_style(size: int = 512, seed: int = 1889) -> Image.Image:
         x, y = rng.uniform(0, size, 2)
         near = min(math.hypot(x - cx, y - cy) / r for (cx, cy), r in zip(vortices, radii))
         palette = warm if (near < 0.35 and rng.random() < 0.8) or rng.random() < 0.06 else blues
-        colour = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in palette[rng.integers(len(palette))])
+        colour = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255))
+                       for c in palette[rng.integers(len(palette))])
         width = int(rng.integers(3, 8))
         pts = [(x, y)]
         for _ in range(int(rng.integers(6, 16))):

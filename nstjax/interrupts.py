@@ -98,7 +98,8 @@ def _handle(signum: int, frame) -> None:
         line = " ".join(_stop_message.format(name=name).split())
     else:
         line = f"stopped by {name} before the run started; nothing was written"
-    with contextlib.suppress(Exception):  # what was printed to stdout so far (a reentrant flush fails)
+    # what was printed to stdout so far (a reentrant flush fails)
+    with contextlib.suppress(Exception):
         sys.stdout.flush()
     _say(line)
     os._exit(code)

@@ -43,7 +43,8 @@ def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "enabled": True,  # False: no judge (no judge_* columns, no judge.png)
         "size": 256,  # longer side of the reference size every result is judged at
-        "every": 0,  # also judge every N steps (a multiple of log_every), in metrics.jsonl; 0 = end only
+        # also judge every N steps (a multiple of log_every), in metrics.jsonl; 0 = end only
+        "every": 0,
         "in_grid": False,  # show the judge's numbers under each image of a sweep's grid.png
     })
 
@@ -102,11 +103,13 @@ def color_quantiles(pixel_sets: list[np.ndarray], fractions: list[float], q: int
     return np.asarray(histogram.weighted_quantiles(values, w, q))
 
 
-def score(params, targets: dict, image: jax.Array, *, obj: Objective, shape: tuple[int, int]) -> dict:
+def score(params, targets: dict, image: jax.Array, *, obj: Objective,
+          shape: tuple[int, int]) -> dict:
     """The judge's metrics of one result ``image`` (H, W, 3) in 0..255, resized to ``shape`` (pure;
     vmap it for a batch). ``targets``: the judge objective's targets at ``shape`` plus
     ``color_style`` and ``color_content``, pixel quantile functions (h * w, 3)."""
-    x = jnp.clip(jax.image.resize(image.astype(jnp.float32), tuple(shape) + (3,), "linear"), 0.0, 255.0)
+    x = jnp.clip(jax.image.resize(image.astype(jnp.float32), tuple(shape) + (3,), "linear"), 0.0,
+                 255.0)
     terms = loss_terms(params, x, targets, weights(), obj)
     pixels = jnp.sort(x.reshape(-1, 3), axis=0)
     return {"style": terms["style"], "content": terms["content"],

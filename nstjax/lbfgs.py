@@ -61,7 +61,8 @@ def _dot(a, b):
     return pairwise_sum(a.astype(jnp.float32) * b.astype(jnp.float32))
 
 
-def scale_by_lbfgs(memory_size: int = 10, curvature_eps: float = 1e-10) -> optax.GradientTransformation:
+def scale_by_lbfgs(memory_size: int = 10,
+                   curvature_eps: float = 1e-10) -> optax.GradientTransformation:
     """The L-BFGS direction ``-H g`` for a single array parameter (the image)."""
     m = memory_size
 
@@ -71,8 +72,9 @@ def scale_by_lbfgs(memory_size: int = 10, curvature_eps: float = 1e-10) -> optax
         def zeros():
             return jnp.zeros((m + 1,) + params.shape, params.dtype)
 
-        return LBFGSState(jnp.int32(0), jnp.zeros_like(params), jnp.zeros_like(params), zeros(), zeros(),
-                          jnp.zeros((m,), jnp.float32), jnp.int32(0), jnp.int32(0), jnp.float32(1.0))
+        return LBFGSState(jnp.int32(0), jnp.zeros_like(params), jnp.zeros_like(params), zeros(),
+                          zeros(), jnp.zeros((m,), jnp.float32), jnp.int32(0), jnp.int32(0),
+                          jnp.float32(1.0))
 
     def update(grad, state, params):
         s_new, y_new = params - state.prev_params, grad - state.prev_grad
@@ -89,7 +91,8 @@ def scale_by_lbfgs(memory_size: int = 10, curvature_eps: float = 1e-10) -> optax
         slot = jnp.where(accept, state.head, m)
         s_mem = state.s.at[slot].set(s_new)
         y_mem = state.y.at[slot].set(y_new)
-        rho = jnp.where(accept, state.rho.at[state.head].set(1.0 / jnp.where(accept, ys, 1.0)), state.rho)
+        rho = jnp.where(accept, state.rho.at[state.head].set(1.0 / jnp.where(accept, ys, 1.0)),
+                        state.rho)
         head = jnp.where(accept, (state.head + 1) % m, state.head)
         size = jnp.where(accept, jnp.minimum(state.size + 1, m), state.size)
         gamma = jnp.where(accept, ys / jnp.maximum(_dot(y_new, y_new), 1e-30), state.gamma)

@@ -110,8 +110,9 @@ class _Progress:
         if enabled and sys.stderr.isatty():  # a bar is for a person: no noise in pipes and logs
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                                                        "[{elapsed}<{remaining}{postfix}]")
 
     def update(self, n: int, loss: float, rate: float) -> None:
         if self.bar is not None:
@@ -136,10 +137,12 @@ def _slot(tree, j: int):
 def print_line(step: int, terms: dict, label: str = "") -> str:
     """jcjohnson/neural-style's ``-print_iter`` line: the total and each weighted term."""
     parts = [f"{k} {v:.4g}" for k, v in terms.items() if k != "loss"]
-    return f"{label + ': ' if label else ''}step {step}: loss {terms['loss']:.6g} ({', '.join(parts)})"
+    return (f"{label + ': ' if label else ''}step {step}: loss {terms['loss']:.6g} "
+            f"({', '.join(parts)})")
 
 
-def _judge(programs: Programs, batch: StageInputs, sinks: list[Sink], x_h: np.ndarray) -> list[dict]:
+def _judge(programs: Programs, batch: StageInputs, sinks: list[Sink],
+           x_h: np.ndarray) -> list[dict]:
     """The judge's metrics of every point's result (its output: after colour handling)."""
     devs, j = programs.devices, batch.judge
     outs = [sink.output(x_h[i]) for i, sink in enumerate(sinks)]
@@ -181,8 +184,9 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
                 break
             n = min(batch.chunk, total - step)
             t0 = time.time()
-            x, state, terms, done, ok = programs.steps(batch.params, batch.targets, batch.weights, x,
-                                                       state, obj=batch.obj, spec=batch.opt, n_steps=n)
+            x, state, terms, done, ok = programs.steps(batch.params, batch.targets, batch.weights,
+                                                       x, state, obj=batch.obj, spec=batch.opt,
+                                                       n_steps=n)
             terms_h = {t: devs.host(v) for t, v in terms.items()}
             done_h, ok_h = devs.host(done), devs.host(ok)
             t1 = time.time()
@@ -204,10 +208,13 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
                         bar.write(print_line(s, rec, sink.label))
                 if not bool(ok_h[j]):
                     x_h = devs.host(x) if x_h is None else x_h
-                    stopped[j] = (step + d, {t: float(terms_h[t][j, d]) for t in sink.term_names}, x_h[j])
+                    stopped[j] = (step + d, {t: float(terms_h[t][j, d]) for t in sink.term_names},
+                                  x_h[j])
             before, step, t_prev = step, step + n, t1
             running = [j for j in range(k) if stopped[j] is None]
-            bar.update(n, min((float(terms_h["loss"][j, n - 1]) for j in running), default=math.nan), rate)
+            bar.update(n,
+                       min((float(terms_h["loss"][j, n - 1]) for j in running), default=math.nan),
+                       rate)
             if not running:
                 break
             judged.pop(before, None)
@@ -222,7 +229,9 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
             if every and step // every > before // every:
                 if step < total:
                     checkpoint_all()
-                else:  # after the last metrics lines (below), which a resume from it would not rewrite
+                else:
+                    # after the last metrics lines (below), which a resume from it would not
+                    # rewrite
                     deferred = True
     finally:
         bar.close()
@@ -231,14 +240,16 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
         final = {t: devs.host(v) for t, v in programs.evaluate(
             batch.params, batch.targets, batch.weights, x, obj=batch.obj).items()}
     x_h, s_h = host_states()
-    scores = _judge(programs, batch, sinks, x_h) if final is not None and batch.judge else [None] * k
+    scores = (_judge(programs, batch, sinks, x_h) if final is not None and batch.judge
+              else [None] * k)
     out = []
     for j, sink in enumerate(sinks):
         terms = None if final is None else {t: float(final[t][j]) for t in sink.term_names}
         if stopped[j] is not None:
             s, bad, image = stopped[j]  # the image kept is the one whose evaluation was bad
-            out.append(PointResult(sink.output(image), RunState(s, image, _slot(s_h, j), batch.rngs[j]),
-                                   s, terms or bad, bad, scores[j]))
+            out.append(PointResult(sink.output(image),
+                                   RunState(s, image, _slot(s_h, j), batch.rngs[j]), s,
+                                   terms or bad, bad, scores[j]))
             continue
         if terms is not None and sink.log is not None:
             extra = {f"judge_{m}": v for m, v in (scores[j] or {}).items()}
@@ -246,8 +257,9 @@ def optimise(programs: Programs, batch: StageInputs, sinks: list[Sink], timing: 
                       "steps_per_s": None})
         if terms is not None and timing.print_every and step % timing.print_every == 0:
             print(print_line(step, terms, sink.label), flush=True)
-        out.append(PointResult(sink.output(x_h[j]), RunState(step, x_h[j], _slot(s_h, j), batch.rngs[j]),
-                               step, terms, None, scores[j]))
+        out.append(PointResult(sink.output(x_h[j]),
+                               RunState(step, x_h[j], _slot(s_h, j), batch.rngs[j]), step, terms,
+                               None, scores[j]))
     if deferred:
         checkpoint_all()
     return StageResult(out, interrupted, first_s)

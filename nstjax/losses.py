@@ -230,8 +230,10 @@ class Objective:
     style_stat: str = "gram"  # what the style layers match: "gram", "mean_std" or "w2"
     hist_layers: tuple[str, ...] = ()  # layers of the histogram loss (Risser et al. 2017)
     regions: int = 0  # masked regions, one style image each (Gatys et al. 2017); 0 = none
-    compute_dtype: str = "float32"  # the optimised image's VGG convolutions: "float32" or "bfloat16"
-    precision: str | None = None  # matmul/conv precision on accelerators: None (default) or "highest"
+    # the optimised image's VGG convolutions: "float32" or "bfloat16"
+    compute_dtype: str = "float32"
+    # matmul/conv precision on accelerators: None (default) or "highest"
+    precision: str | None = None
 
     def __post_init__(self):
         vgg.check_layers(self.content_layers, "content layer")
@@ -247,7 +249,8 @@ class Objective:
         if not self.content_layers and not self.style_layers and not self.hist_layers:
             raise ConfigError("at least one content, style or histogram layer is needed")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {self.compute_dtype!r}")
+            raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, not "
+                              f"{self.compute_dtype!r}")
         if self.precision not in (None, "highest"):
             raise ConfigError(f"precision must be 'default' or 'highest', not {self.precision!r}")
         if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 0:
@@ -342,7 +345,8 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
         feats = vgg.features(params, content_image, obj.content_layers, obj.pooling,
                               obj.precision)
         targets["content"] = {l: feats[l][0] for l in obj.content_layers}
-    styled = tuple(sorted(set(obj.style_layers) | set(obj.hist_layers), key=vgg.LAYER_INDEX.__getitem__))
+    styled = tuple(sorted(set(obj.style_layers) | set(obj.hist_layers),
+                          key=vgg.LAYER_INDEX.__getitem__))
     if not styled:
         return targets
     if not style_images:
@@ -354,10 +358,11 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
     if obj.regions:
         if content_masks is None or len(content_masks) != obj.regions:
             raise ConfigError(f"the objective has {obj.regions} masked regions but "
-                              f"{0 if content_masks is None else len(content_masks)} content masks were given")
+                              f"{0 if content_masks is None else len(content_masks)} content masks "
+                              "were given")
         if n_styles != obj.regions:
-            raise ConfigError(f"{obj.regions} content masks need {obj.regions} style images, one per "
-                              f"region, not {n_styles}")
+            raise ConfigError(f"{obj.regions} content masks need {obj.regions} style images, one "
+                              f"per region, not {n_styles}")
         if style_blend:
             raise ConfigError("style_blend cannot be combined with content masks (each region has "
                               "its own style image)")
@@ -391,8 +396,8 @@ def compute_targets(params, obj: Objective, content_image, style_images: Sequenc
                 w = stats.uniform_weights(f.shape[0] * f.shape[1])
             else:
                 if tuple(jnp.shape(smask)) != tuple(jnp.shape(img)[:2]):
-                    raise ConfigError(f"a style mask of shape {tuple(jnp.shape(smask))} for a style "
-                                      f"image of shape {tuple(jnp.shape(img)[:2])}")
+                    raise ConfigError(f"a style mask of shape {tuple(jnp.shape(smask))} for a "
+                                      f"style image of shape {tuple(jnp.shape(img)[:2])}")
                 w = masks.region_weights(masks.layer_mask(smask, l))
             acts[l] = (f.reshape(-1, f.shape[-1]), w, smask is None)
         per_style.append(acts)
@@ -445,7 +450,8 @@ def _style_statistic(obj: Objective, acts: Sequence, fractions: Sequence[float])
             return stats.mean_std_target(acts[0][0], acts[0][1])
         parts = [stats.weighted_mean_std(f, w) for f, w, _ in acts]
         mu = sum(b * m for (m, _), b in zip(parts, fractions))
-        var = sum(b * ((sd * sd - stats.STD_EPS) + (m - mu) ** 2) for (m, sd), b in zip(parts, fractions))
+        var = sum(b * ((sd * sd - stats.STD_EPS) + (m - mu) ** 2)
+                  for (m, sd), b in zip(parts, fractions))
         return {"mean": mu, "std": jnp.sqrt(jnp.maximum(var, 0.0) + stats.STD_EPS)}
     if len(acts) == 1:
         return stats.w2_target(acts[0][0], acts[0][1])

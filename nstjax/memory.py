@@ -20,8 +20,9 @@
   at small sizes run into (``--config.chunk=50`` at 64 px peaks at 2.7 GB).
 
 The factors were measured on CPU; on GPUs XLA's scheduler frees buffers sooner, so the estimate errs
-on the generous side there. :func:`largest_size_that_fits` inverts the estimate; :func:`available_bytes`
-asks the machine; :func:`check_fits` is what a run calls (set ``NSTJAX_MEMORY_CHECK=0`` to skip it).
+on the generous side there. :func:`largest_size_that_fits` inverts the estimate;
+:func:`available_bytes` asks the machine; :func:`check_fits` is what a run calls (set
+``NSTJAX_MEMORY_CHECK=0`` to skip it).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def largest_size_that_fits(aspect: float, layers: Iterable[str], available: floa
     layers = tuple(layers)
 
     def fits(side: int) -> bool:
-        w, h = (side, max(1, round(side / aspect))) if aspect >= 1 else (max(1, round(side * aspect)), side)
+        w, h = ((side, max(1, round(side / aspect))) if aspect >= 1
+                else (max(1, round(side * aspect)), side))
         s = max(1, round(side * style_scale))
         return estimate_bytes(h, w, layers, style_shapes=[(s, s)] * n_styles, **kwargs) <= available
 
@@ -267,9 +269,10 @@ def check_fits(height: int, width: int, layers: Sequence[str], optimizer: str = 
         return
     if platform == "cpu":  # forced host devices share one process and the host's memory
         devices = 1
-    kw = {"optimizer": optimizer, "memory_size": memory_size, "chunk_steps": chunk_steps, "platform": platform}
-    need = per_device(estimate_bytes(height, width, layers, style_shapes=style_shapes, **kw), devices,
-                      platform)
+    kw = {"optimizer": optimizer, "memory_size": memory_size, "chunk_steps": chunk_steps,
+          "platform": platform}
+    need = per_device(estimate_bytes(height, width, layers, style_shapes=style_shapes, **kw),
+                      devices, platform)
     if need <= available:
         return
     budget = base_bytes(platform) + (available - base_bytes(platform)) * devices
@@ -277,7 +280,8 @@ def check_fits(height: int, width: int, layers: Sequence[str], optimizer: str = 
                                   n_styles=len(style_shapes), **kw)
     where = "this machine" if platform == "cpu" else (
         "the accelerator" if devices == 1 else f"each of the {devices} accelerators")
-    if need - base_bytes(platform) <= compile_bytes(layers, chunk_steps):  # the compiler is what does not fit
+    # the compiler is what does not fit
+    if need - base_bytes(platform) <= compile_bytes(layers, chunk_steps):
         advice = f"compiling {chunk_steps} unrolled steps is what needs it; lower --config.chunk"
     else:
         advice = (f"the largest --config.size that fits is about {best}" if best

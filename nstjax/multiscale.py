@@ -34,7 +34,8 @@ def stages(spec) -> list:
     if spec.scales and spec.size == 0:
         raise ConfigError("multi-scale runs need an explicit size (config.size > 0)")
     if any(s <= 0 for s in spec.scales) or any(a >= b for a, b in itertools.pairwise(sizes)):
-        raise ConfigError(f"scales must be positive and increase up to size={spec.size}, not {tuple(spec.scales)}")
+        raise ConfigError(f"scales must be positive and increase up to size={spec.size}, not "
+                          f"{tuple(spec.scales)}")
     out = [dataclasses.replace(spec, size=s, steps=n, scales=(), scale_steps=())
            for s, n in zip(spec.scales, spec.scale_steps)]
     return out + [dataclasses.replace(spec, scales=(), scale_steps=())]

@@ -54,7 +54,8 @@ def _set(cfg: ml_collections.ConfigDict, field: str, value) -> None:
         set_field(cfg, field, tuple(value) if isinstance(value, list) else value)
 
 
-def make_config(base: ml_collections.ConfigDict | None = None, **overrides) -> ml_collections.ConfigDict:
+def make_config(base: ml_collections.ConfigDict | None = None,
+                **overrides) -> ml_collections.ConfigDict:
     """``base`` (default: :func:`nstjax.config.base_config`, without a progress bar) with the
     keyword overrides applied; an unknown field raises :class:`ConfigError`."""
     from nstjax.config import base_config
@@ -89,7 +90,8 @@ def stylize(content, style, *, workdir: str | os.PathLike | None = None, return_
 
     cfg = make_config(config, **overrides)
     styles = _styles(style)
-    with images.in_memory([content], "content") as (c_name,), images.in_memory(styles, "style") as s_names:
+    with (images.in_memory([content], "content") as (c_name,),
+          images.in_memory(styles, "style") as s_names):
         if workdir is not None:
             return _stylize_into(Path(workdir), cfg, content, styles, return_terms)
         cfg.content, cfg.style = c_name, ",".join(s_names)

@@ -48,9 +48,11 @@ class OptimizerSpec:
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, not {self.name!r}")
+            raise ConfigError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, not "
+                              f"{self.name!r}")
         if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ConfigError(f"optimizer.learning_rate must be a positive number, not {self.learning_rate}")
+            raise ConfigError("optimizer.learning_rate must be a positive number, not "
+                              f"{self.learning_rate}")
         if self.memory_size < 1:
             raise ConfigError("optimizer.memory_size must be at least 1")
 
@@ -171,7 +173,8 @@ def unaliased(tree):
     return jax.tree.map(fresh, tree)
 
 
-_run_steps = jax.jit(steps, static_argnames=("obj", "spec", "n_steps"), donate_argnames=("opt_state",))
+_run_steps = jax.jit(steps, static_argnames=("obj", "spec", "n_steps"),
+                     donate_argnames=("opt_state",))
 
 
 def run_steps(params, targets, weights, image, opt_state, *, obj: Objective, spec: OptimizerSpec,

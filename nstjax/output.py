@@ -140,11 +140,13 @@ def to_uint16(image) -> np.ndarray:
     return np.clip(np.rint(np.asarray(image, dtype=np.float64) * 257.0), 0, 65535).astype(np.uint16)
 
 
-def save_output(path: str | os.PathLike, image, bits: int = 0, icc_profile: bytes | None = None) -> None:
+def save_output(path: str | os.PathLike, image, bits: int = 0,
+                icc_profile: bytes | None = None) -> None:
     """Writes an (H, W, 3) float image in [0, 255] to ``path`` atomically, in the format and depth
     :func:`output_format` gives for its name, embedding ``icc_profile`` when given."""
     fmt, bits = output_format(path, bits)
-    target = Path(os.path.realpath(Path(path).expanduser()))  # replace a link's target, not the link
+    # replace a link's target, not the link
+    target = Path(os.path.realpath(Path(path).expanduser()))
     if bits == 16:
         pixels = to_uint16(image)
         data = _png16(pixels, icc_profile) if fmt == "PNG" else _tiff16(pixels, icc_profile)

@@ -1,8 +1,8 @@
 """Figures of a sweep: a labelled contact sheet of the final images and the loss curves.
 
 :func:`save_grid` draws with PIL (images at their own pixels, text in matplotlib's DejaVu Sans);
-:func:`save_loss_curves` uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
-Both write atomically, like every other file nstjax writes.
+:func:`save_loss_curves` uses matplotlib's Agg canvas directly (no pyplot, no global backend
+change). Both write atomically, like every other file nstjax writes.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def _font(size: int, bold: bool = False):
     try:
         from matplotlib import font_manager
 
-        path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans",
-                                                                 weight="bold" if bold else "normal"))
+        path = font_manager.findfont(font_manager.FontProperties(
+            family="DejaVu Sans", weight="bold" if bold else "normal"))
         return ImageFont.truetype(path, size)
     except Exception:  # noqa: BLE001 - no matplotlib fonts or no FreeType: PIL's own font
         try:
@@ -103,7 +103,8 @@ def contact_sheet(cells: Sequence[Cell], *, row_title: str = "", col_title: str 
 
     col_lines = {c: wrap(c, f_label, box_w) for c in cols}
     row_lines = {r: wrap(r, f_label, MAX_ROW_LABEL) for r in rows}
-    corner = [f"rows: {row_title}" if row_title else "", f"columns: {col_title}" if col_title else ""]
+    corner = [f"rows: {row_title}" if row_title else "",
+              f"columns: {col_title}" if col_title else ""]
     corner = [line for text in corner if text for line in wrap(text, f_label, MAX_ROW_LABEL)]
     label_w = int(max([_width(f_label, l) for ls in row_lines.values() for l in ls]
                       + [_width(f_label, l) for l in corner] + [40]))
@@ -127,19 +128,22 @@ def contact_sheet(cells: Sequence[Cell], *, row_title: str = "", col_title: str 
         lines = col_lines[c]
         for i, line in enumerate(lines):
             y = top + header_h - (len(lines) - i) * lh
-            draw.text((x + (box_w - _width(f_label, line)) / 2, y), line, fill="black", font=f_label)
+            draw.text((x + (box_w - _width(f_label, line)) / 2, y), line, fill="black",
+                      font=f_label)
     y = top + header_h + GAP
     for r, h in zip(rows, row_h):
         lines = row_lines[r]
         ty = y + (box_h - len(lines) * lh) / 2
         for i, line in enumerate(lines):
-            draw.text((MARGIN + label_w - _width(f_label, line), ty + i * lh), line, fill="black", font=f_label)
+            draw.text((MARGIN + label_w - _width(f_label, line), ty + i * lh), line, fill="black",
+                      font=f_label)
         for j, c in enumerate(cols):
             x = x0 + j * (box_w + GAP)
             cell = at.get((r, c))
             if cell is None or cell.image is None:
                 draw.rectangle([x, y, x + box_w - 1, y + box_h - 1], fill=(235, 235, 235))
-                draw.text((x + box_w / 2 - 4, y + box_h / 2 - lh / 2), "-", fill=(150, 150, 150), font=f_label)
+                draw.text((x + box_w / 2 - 4, y + box_h / 2 - lh / 2), "-", fill=(150, 150, 150),
+                          font=f_label)
             else:
                 t = thumbs[(r, c)]
                 sheet.paste(t, (int(x + (box_w - t.width) / 2), int(y + (box_h - t.height) / 2)))
@@ -172,7 +176,8 @@ def save_grid(path: str | os.PathLike, cells: Sequence[Cell], **kwargs) -> Image
     return sheet
 
 
-def save_loss_curves(path: str | os.PathLike, curves: Sequence[tuple[str, Sequence[tuple[int, float]]]],
+def save_loss_curves(path: str | os.PathLike,
+                     curves: Sequence[tuple[str, Sequence[tuple[int, float]]]],
                      title: str = "") -> None:
     """One line per (label, [(step, loss), ...]) on a log scale."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -184,7 +189,8 @@ def save_loss_curves(path: str | os.PathLike, curves: Sequence[tuple[str, Sequen
     ax = fig.add_subplot(1, 1, 1)
     any_positive = False
     for i, (label, curve) in enumerate(curves):
-        pts = [(s, l) for s, l in curve if isinstance(l, (int, float)) and math.isfinite(l) and l > 0]
+        pts = [(s, l) for s, l in curve
+               if isinstance(l, (int, float)) and math.isfinite(l) and l > 0]
         if not pts:
             continue
         any_positive = True
@@ -212,8 +218,9 @@ def _colour(i: int, n: int):
     return colormaps["viridis"](i / max(1, n - 1))
 
 
-def save_judge(path: str | os.PathLike, metrics: Sequence[str], x_label: str, x_values: Sequence[str],
-               series: Sequence[tuple[str, Sequence[dict | None]]], title: str = "") -> None:
+def save_judge(path: str | os.PathLike, metrics: Sequence[str], x_label: str,
+               x_values: Sequence[str], series: Sequence[tuple[str, Sequence[dict | None]]],
+               title: str = "") -> None:
     """One panel per judge metric: its value at each of ``x_values`` (the first swept field's
     values, as categories), one line per ``series`` (label, one judge dict or None per x value;
     a series per combination of the other swept fields). Log scale where every value is positive."""

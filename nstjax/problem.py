@@ -57,7 +57,8 @@ class Problem:
         """The result for an optimised ``image``: under luminance-only transfer its luminance with
         the content's chroma, otherwise the image itself."""
         original = self.content if self.original_content is None else self.original_content
-        return color.finish(self.spec.preserve_color, np.asarray(image), original, self.spec.color_space)
+        return color.finish(self.spec.preserve_color, np.asarray(image), original,
+                            self.spec.color_space)
 
 
 def check_size_for_layers(shape: tuple[int, int], layers, what: str) -> None:
@@ -108,8 +109,8 @@ def plan_rows(spec: RunSpec, n_devices: int, log=None) -> RunSpec:
     ``log`` says when it splits). Raises the memory check's one-line refusal, for the most devices
     there are, when none fits."""
     if spec.devices_per_image > n_devices:
-        raise UserError(f"devices_per_image={spec.devices_per_image} but there are only {n_devices} "
-                        "devices")
+        raise UserError(f"devices_per_image={spec.devices_per_image} but there are only "
+                        f"{n_devices} devices")
     candidates = ([spec.devices_per_image] if spec.devices_per_image else
                   [n for n in range(1, n_devices + 1) if n_devices % n == 0])
     for i, n in enumerate(candidates):
@@ -138,10 +139,11 @@ def _open_inputs(spec: RunSpec):
     for path, (sw, sh) in zip(spec.styles, style_sizes):
         check_size_for_layers((sh, sw), obj.style_layers + obj.hist_layers, f"style image {path}")
     # Before anything big is allocated: refuse a run that cannot fit, naming a size that does.
-    memory.check_fits(ch, cw, obj.layers, spec.optimizer.name, memory_size=spec.optimizer.memory_size,
+    memory.check_fits(ch, cw, obj.layers, spec.optimizer.name,
+                      memory_size=spec.optimizer.memory_size,
                       chunk_steps=min(chunk_length(spec), max(spec.steps, 1)),
-                      style_shapes=[(sh, sw) for sw, sh in style_sizes], style_scale=spec.style_scale,
-                      devices=max(1, spec.devices_per_image))
+                      style_shapes=[(sh, sw) for sw, sh in style_sizes],
+                      style_scale=spec.style_scale, devices=max(1, spec.devices_per_image))
     return content_pil, (cw, ch), style_pils, style_sizes
 
 
@@ -212,8 +214,8 @@ def load_judge(spec: RunSpec, params, cache: dict | None = None) -> dict:
     the photo (nstjax/judge.py)."""
     judge = spec.judge
     ch, cw = judge_shape(spec)
-    js = dataclasses.replace(spec, size=judge.size, preserve_color="none", scales=(), scale_steps=(),
-                             init="content")
+    js = dataclasses.replace(spec, size=judge.size, preserve_color="none", scales=(),
+                             scale_steps=(), init="content")
     obj = judge_objective(spec.objective.regions)
     key = ("judge", (ch, cw), obj, spec.content, spec.styles, spec.style_blend, spec.style_scale,
            spec.style_resize, spec.content_masks, spec.style_masks)
@@ -243,7 +245,8 @@ def initial_image(spec: RunSpec, content: np.ndarray, styles: list[np.ndarray]) 
     """The image a point starts from (``spec.init``, seeded by ``spec.seed``), shaped like
     ``content`` (under luminance-only transfer, an init image's luminance)."""
     if spec.init in INITS:
-        return init_image(spec.init, jax.random.PRNGKey(spec.seed), content, styles[0] if styles else None)
+        return init_image(spec.init, jax.random.PRNGKey(spec.seed), content,
+                          styles[0] if styles else None)
     image = images.load_image_to_shape(spec.init, content.shape[:2])
     if spec.preserve_color == "luminance":
         image = color.gray3(color.luminance(image, spec.color_space))
@@ -270,8 +273,8 @@ def union_objective(specs: Sequence[RunSpec]) -> Objective:
 
 def point_weights(union: Objective, spec: RunSpec) -> dict:
     """A point's traced loss weights over ``union``'s layers: its own layer weights (as
-    :func:`nstjax.losses.objective_weights` makes them), zero on the layers it does not use. The
-    one builder of the weights, for single runs (``union`` = the spec's own objective) and sweeps."""
+    :func:`nstjax.losses.objective_weights` makes them), zero on the layers it does not use. The one
+    builder of the weights, for single runs (``union`` = the spec's own objective) and sweeps."""
     w = objective_weights(spec.objective, spec.content_weight, spec.style_weight, spec.tv_weight,
                           spec.content_layer_weights or None, spec.style_layer_weights or None,
                           hist_weight=spec.hist_weight,
@@ -288,5 +291,6 @@ def point_weights(union: Objective, spec: RunSpec) -> dict:
     }
     if union.hist_layers:  # a point without histogram layers has them all at weight zero
         out["hist_weight"] = f32(w.get("hist_weight", 0.0))
-        out["hist_layers"] = {l: f32(w.get("hist_layers", {}).get(l, 0.0)) for l in union.hist_layers}
+        out["hist_layers"] = {l: f32(w.get("hist_layers", {}).get(l, 0.0))
+                              for l in union.hist_layers}
     return out

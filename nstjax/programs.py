@@ -60,7 +60,8 @@ class Devices:
     def sharding(self, shape: tuple, image_shape: tuple | None = None) -> NamedSharding:
         """A leaf's sharding: along the points, and along ``"rows"`` at the image's row axis when
         it ends with the image's (H, W, 3)."""
-        if self.rows > 1 and image_shape and len(shape) >= 4 and tuple(shape[-3:]) == tuple(image_shape):
+        if (self.rows > 1 and image_shape and len(shape) >= 4
+                and tuple(shape[-3:]) == tuple(image_shape)):
             spec = ["sweep"] + [None] * (len(shape) - 1)
             spec[len(shape) - 3] = "rows"
             return NamedSharding(self.mesh, PartitionSpec(*spec))
@@ -119,13 +120,13 @@ class Programs:
     def __init__(self, devices: Devices):
         self.devices = devices
 
-    def steps(self, params, targets, weights, images, states, *, obj: Objective, spec: OptimizerSpec,
-              n_steps: int):
+    def steps(self, params, targets, weights, images, states, *, obj: Objective,
+              spec: OptimizerSpec, n_steps: int):
         """``n_steps`` steps of every point; ``states`` is donated (continue from the returned)."""
         states = _unaliased(states)
         layout = self.devices.layout((images, states), images.shape[1:])
-        fn = _jitted(self.devices.mesh, "steps", (("obj", obj), ("spec", spec), ("n_steps", n_steps)),
-                     layout)
+        fn = _jitted(self.devices.mesh, "steps",
+                     (("obj", obj), ("spec", spec), ("n_steps", n_steps)), layout)
         return aot.call(fn, params, targets, weights, images, states)
 
     def init(self, images, *, spec: OptimizerSpec):
@@ -135,8 +136,8 @@ class Programs:
 
     def evaluate(self, params, targets, weights, images, *, obj: Objective) -> dict:
         layout = self.devices.layout(images, images.shape[1:])
-        return _jitted(self.devices.mesh, "evaluate", (("obj", obj),), layout)(params, targets, weights,
-                                                                                 images)
+        return _jitted(self.devices.mesh, "evaluate", (("obj", obj),), layout)(
+            params, targets, weights, images)
 
     def judge(self, params, targets, images, *, obj: Objective, shape: tuple[int, int]) -> dict:
         """The judge's metrics of every point's result (nstjax/judge.py)."""
@@ -169,5 +170,5 @@ def _jitted(mesh: Mesh, kind: str, statics: tuple, layout: tuple | None):
             shardings, out = (tree[0],), tree[1]
         else:  # evaluate: images in, the terms out
             shardings = shardings[:3] + (tree,)
-    return jax.jit(functools.partial(fn, **dict(statics)), in_shardings=shardings, out_shardings=out,
-                   donate_argnums=donate)
+    return jax.jit(functools.partial(fn, **dict(statics)), in_shardings=shardings,
+                   out_shardings=out, donate_argnums=donate)

@@ -1,10 +1,10 @@
 """What a run leaves behind: atomic JSON files, the metrics log, and the manifest.
 
 Every file is written to a temporary name beside its destination, flushed to disk and renamed, so a
-killed run never leaves half a JSON file (:func:`atomic_write`, also used for PNGs). ``metrics.jsonl``
-is appended one whole line per ``write`` system call; a line cut short anyway (a full disk) is
-skipped by :func:`read_metrics`, and a resumed run rewrites the file, atomically, up to the step it
-resumes from (:func:`truncate_metrics`).
+killed run never leaves half a JSON file (:func:`atomic_write`, also used for PNGs).
+``metrics.jsonl`` is appended one whole line per ``write`` system call; a line cut short anyway (a
+full disk) is skipped by :func:`read_metrics`, and a resumed run rewrites the file, atomically, up
+to the step it resumes from (:func:`truncate_metrics`).
 """
 
 from __future__ import annotations
@@ -115,19 +115,22 @@ class MetricsLog:
             self._fd = -1
 
 
-def truncate_metrics(path: str | os.PathLike, before_step: int, before_stage: int | None = None) -> int:
+def truncate_metrics(path: str | os.PathLike, before_step: int,
+                     before_stage: int | None = None) -> int:
     """Keeps the lines of ``metrics.jsonl`` for steps before ``before_step`` (rewriting the file
     atomically) and returns how many were kept: what a run resumed at that step starts from. With
     ``before_stage`` (multi-scale runs, resuming in that stage), every line of an earlier stage is
     kept too: a stage's last line (``stage_step`` = its steps) shares its global step with the next
-    stage's first (``stage_step`` = 0), which a resume at the start of that next stage writes again."""
+    stage's first (``stage_step`` = 0), which a resume at the start of that next stage writes
+    again."""
     path = Path(path)
     if not path.exists():
         return 0
 
     def earlier(r: dict) -> bool:
         return r["step"] < before_step or (
-            before_stage is not None and isinstance(r.get("stage"), int) and r["stage"] < before_stage)
+            before_stage is not None and isinstance(r.get("stage"), int)
+            and r["stage"] < before_stage)
 
     keep = [r for r in read_metrics(path) if isinstance(r, dict) and isinstance(r.get("step"), int)
             and earlier(r)]
@@ -166,8 +169,9 @@ def git_commit() -> str | None:
                            text=True, timeout=10, check=False)
         if r.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=False).stdout.strip()
         return r.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -26,13 +26,14 @@ from nstjax import interrupts, records
 from nstjax.config import base_config
 from nstjax.errors import ConfigError, RunInterrupted, UserError
 
-ENV_FIELDS = ("python", "platform", "machine", "cpu", "backend", "devices", "xla_flags", "jax_flags",
-              "git_commit")
+ENV_FIELDS = ("python", "platform", "machine", "cpu", "backend", "devices", "xla_flags",
+              "jax_flags", "git_commit")
 
 
 def _stdout(message: str) -> None:
     """Results on stdout, warnings on stderr."""
-    print(f"nstjax: {message}", file=sys.stderr if message.startswith("warning") else sys.stdout, flush=True)
+    print(f"nstjax: {message}", file=sys.stderr if message.startswith("warning") else sys.stdout,
+          flush=True)
 
 
 def config_from_manifest(recorded: dict) -> ml_collections.ConfigDict:
@@ -41,7 +42,8 @@ def config_from_manifest(recorded: dict) -> ml_collections.ConfigDict:
     cfg = base_config()
     unknown = set(recorded) - set(cfg.keys())
     if unknown:
-        raise ConfigError(f"the manifest's config has fields this nstjax does not know: {', '.join(sorted(unknown))}")
+        raise ConfigError("the manifest's config has fields this nstjax does not know: "
+                          f"{', '.join(sorted(unknown))}")
     with cfg.unlocked():
         for k, v in recorded.items():
             if isinstance(cfg[k], ml_collections.ConfigDict) and isinstance(v, dict):
@@ -65,7 +67,8 @@ def environment_differences(recorded: dict, now: dict) -> list[str]:
     return out
 
 
-def _pin_inputs(cfg: ml_collections.ConfigDict, manifest: dict, warn: Callable[[str], None]) -> None:
+def _pin_inputs(cfg: ml_collections.ConfigDict, manifest: dict,
+                warn: Callable[[str], None]) -> None:
     """Points the config at the absolute paths the manifest recorded (relative paths depended on
     the directory the run started in) and warns when an image's bytes changed since."""
     from nstjax.problem import describe_input
@@ -77,7 +80,8 @@ def _pin_inputs(cfg: ml_collections.ConfigDict, manifest: dict, warn: Callable[[
         recorded.append(("init image", imgs["init"]))
     if recorded[0][1].get("abspath"):
         cfg.content = recorded[0][1]["abspath"]
-    styles = [s.get("abspath") or s.get("path") for _, s in recorded[1:len(imgs.get("styles") or []) + 1]]
+    styles = [s.get("abspath") or s.get("path")
+              for _, s in recorded[1:len(imgs.get("styles") or []) + 1]]
     if styles and all(styles):
         cfg.style = ",".join(styles)
     if imgs.get("init", {}).get("abspath"):
@@ -91,7 +95,8 @@ def _pin_inputs(cfg: ml_collections.ConfigDict, manifest: dict, warn: Callable[[
         except OSError:
             continue  # the run will report the missing file
         if now != rec["sha256"]:
-            warn(f"warning: the {what} {path} changed since the run (sha256 {now[:12]} vs {rec['sha256'][:12]})")
+            warn(f"warning: the {what} {path} changed since the run (sha256 {now[:12]} vs "
+                 f"{rec['sha256'][:12]})")
 
 
 def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: bool = False,
@@ -115,7 +120,8 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
         raise UserError(f"--replay: the run in {source} is unfinished ({status}); resume it first")
     old_final = source / "final.png"
     if not old_final.is_file():
-        raise UserError(f"--replay: {old_final} does not exist, so there is nothing to compare with")
+        raise UserError(f"--replay: {old_final} does not exist, so there is nothing to compare "
+                        "with")
     cfg = config_from_manifest(manifest["config"])
     cfg.output = ""  # the original run's extra output file is its own: a replay only compares
     _pin_inputs(cfg, manifest, log)
@@ -123,10 +129,12 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
         log(f"warning: {diff}; the result may differ")
     temporary = workdir is None
     out = Path(tempfile.mkdtemp(prefix="nstjax-replay-")) if temporary else Path(workdir)
-    log(f"replaying {source} ({manifest.get('steps')} steps, seed {manifest.get('seed')}) into {out}")
+    log(f"replaying {source} ({manifest.get('steps')} steps, seed {manifest.get('seed')}) into "
+        f"{out}")
     if temporary:  # "run the same command again to resume" would be false: it replays afresh
-        interrupts.set_stop_message(f"stopped at once by {{name}}; the replay's partial output is left "
-                                    f"in {out}; run the same command again to replay from the start")
+        interrupts.set_stop_message(f"stopped at once by {{name}}; the replay's partial output is "
+                                    f"left in {out}; run the same command again to replay from the "
+                                    "start")
     try:
         summary = run(cfg, out, overwrite=overwrite, batch_context=manifest.get("sweep"))
     except RunInterrupted as e:
@@ -134,9 +142,9 @@ def replay(source: str | Path, workdir: str | Path | None = None, *, overwrite: 
             raise
         shutil.rmtree(out, ignore_errors=True)
         name = signal.Signals(e.signum).name
-        raise RunInterrupted(f"stopped by {name} at step {e.step}: the replay was abandoned and its "
-                             f"temporary directory {out} removed; run the same command again to "
-                             "replay from the start", e.signum, e.step) from None
+        raise RunInterrupted(f"stopped by {name} at step {e.step}: the replay was abandoned and "
+                             f"its temporary directory {out} removed; run the same command again "
+                             "to replay from the start", e.signum, e.step) from None
     except BaseException:
         if temporary:
             shutil.rmtree(out, ignore_errors=True)
@@ -165,7 +173,8 @@ def weights_difference(recorded: dict | None, now: dict | None) -> str | None:
     """Says which VGG-19 weights each run used when they are not the same numbers (by the digest
     of their arrays where both manifests have it, else by the source file's sha256)."""
     recorded, now = recorded or {}, now or {}
-    key = "params_sha256" if recorded.get("params_sha256") and now.get("params_sha256") else "sha256"
+    key = ("params_sha256" if recorded.get("params_sha256") and now.get("params_sha256")
+           else "sha256")
     if not (recorded.get(key) and now.get(key)) or recorded[key] == now[key]:
         return None
 
@@ -187,8 +196,9 @@ def compare_runs(old_dir: Path, new_dir: Path, old_manifest: dict, new_manifest:
             out.append(f"final.png is {y.shape[1]}x{y.shape[0]}, was {x.shape[1]}x{x.shape[0]}")
         else:
             d = np.abs(x - y)
-            out.append(f"final.png differs in {int((d.max(axis=-1) > 0).sum())} of {d.shape[0] * d.shape[1]} "
-                       f"pixels (largest difference {int(d.max())} of 255)")
+            out.append(f"final.png differs in {int((d.max(axis=-1) > 0).sum())} of "
+                       f"{d.shape[0] * d.shape[1]} pixels "
+                       f"(largest difference {int(d.max())} of 255)")
     if old_manifest.get("steps") != new_manifest.get("steps"):
         out.append(f"steps {new_manifest.get('steps')} vs {old_manifest.get('steps')}")
     old_final, new_final = old_manifest.get("final") or {}, new_manifest.get("final") or {}

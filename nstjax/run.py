@@ -22,8 +22,8 @@ Files in the workdir:
   platform, CPU, XLA and JAX flags, weights source and sha256, the input images' sha256, device, git
   commit, image sizes, timings, final loss terms, resumes.
 
-A workdir is resumed when it holds an unfinished run (no manifest, or one saying "interrupted") whose
-``config.json`` matches the new config in every field that changes the result
+A workdir is resumed when it holds an unfinished run (no manifest, or one saying "interrupted")
+whose ``config.json`` matches the new config in every field that changes the result
 (:data:`RESULT_NEUTRAL_FIELDS` may differ). The run goes on from its newest good checkpoint and ends
 with the same final image, bit for bit, as a run that never stopped: checkpoints are taken only at
 chunk boundaries, and the chunk lengths depend only on the config, so the resumed run executes the
@@ -174,11 +174,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
                 if plan_ == "overwrite":
                     clear_run(workdir)
                 rows = spec.devices_per_image
-                ctx = Context(Programs(Devices(jax.local_devices()[:rows], rows)), params, weights_info, log,
-                              progress=bool(cfg.progress), should_stop=stop, t_start=t_start,
-                              judge_params=plain[0])
-                result = run_batch([Job(cfg, spec, workdir, resume=plan_ == "resume")], ctx, objective,
-                                   slots)
+                ctx = Context(Programs(Devices(jax.local_devices()[:rows], rows)), params,
+                              weights_info, log, progress=bool(cfg.progress), should_stop=stop,
+                              t_start=t_start, judge_params=plain[0])
+                result = run_batch([Job(cfg, spec, workdir, resume=plan_ == "resume")], ctx,
+                                   objective, slots)
         except (UserError, OSError):  # OSError: a full disk, an unusable cache directory
             if created:  # leave no empty directory behind a refused run
                 with contextlib.suppress(OSError):
@@ -195,17 +195,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite
         ck = manifest["checkpoints"]
         first = (manifest.get("stages") or [{"first_step": 0}])[-1]["first_step"]
         if ck["steps"] and max(ck["steps"]) == step - first:
-            saved = (f"saved a checkpoint in {workdir / ck['dir']} and the image so far in {picture}; run "
-                     "the same command again to resume")
+            saved = (f"saved a checkpoint in {workdir / ck['dir']} and the image so far in "
+                     f"{picture}; run the same command again to resume")
         else:
-            saved = (f"saved the image so far in {picture}; no checkpoint (checkpoint_every=0), so running "
-                     "the same command again starts over")
-        raise RunInterrupted(f"stopped by {name} at step {step} of {total}: {saved}", stop.signum, step)
+            saved = (f"saved the image so far in {picture}; no checkpoint (checkpoint_every=0), so "
+                     "running the same command again starts over")
+        raise RunInterrupted(f"stopped by {name} at step {step} of {total}: {saved}", stop.signum,
+                             step)
     if r.bad_terms is not None:
         kept = [s for s in manifest["checkpoints"]["steps"] if s <= step]
         also = f" and the checkpoint at step {kept[-1]}" if kept else ""
         raise UserError(describe_bad_terms(r.bad_terms, step)
-                        + f"; stopped and kept the last good image in {workdir / 'final.png'}{also}")
+                        + "; stopped and kept the last good image in "
+                          f"{workdir / 'final.png'}{also}")
     return {"image": r.image, "steps_done": step, "final_terms": r.final_terms, "bad_terms": None,
             "first_step_s": manifest["timing"].get("first_chunk_s"), "state": r.state,
             "interrupted": False, "wall_s": time.time() - t_start, "resumed_from": out.resumed_from}
@@ -234,7 +236,8 @@ class _AgreedStop:
     def __call__(self) -> bool:
         from jax.experimental import multihost_utils
 
-        every = np.asarray(multihost_utils.process_allgather(np.int32(self.stop.signum or 0))).ravel()
+        every = np.asarray(multihost_utils.process_allgather(
+            np.int32(self.stop.signum or 0))).ravel()
         got = [int(s) for s in every if s]
         if got:
             self.signum = self.stop.signum or got[0]
@@ -261,10 +264,10 @@ def _point_job(p, workdir: Path, batch, n_devices: int, writer: bool) -> Job:
     return Job(p.config, p.spec, d, resume=resume, label=f"#{p.index}", sweep=record)
 
 
-def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite: bool = False,
-              params=None, weights_info=None, say: Callable[[str], None] | None = None,
-              write_figures: bool = True, devices: Sequence | None = None,
-              handle_signals: bool = True) -> dict:
+def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+              overwrite: bool = False, params=None, weights_info=None,
+              say: Callable[[str], None] | None = None, write_figures: bool = True,
+              devices: Sequence | None = None, handle_signals: bool = True) -> dict:
     """Runs every point of ``cfg``'s sweep not yet done in ``workdir`` (resuming the unfinished ones
     from their checkpoints); writes all the files.
 
@@ -293,12 +296,12 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, ove
                           devices, stop, t_start)
 
 
-def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, write_figures, devices,
-               stop, t_start) -> dict:
+def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, write_figures,
+               devices, stop, t_start) -> dict:
     rows = {max(1, p.spec.devices_per_image) for p in sweep.points}
     if len(rows) > 1:
-        raise UserError("devices_per_image cannot differ between the points of a sweep (it shapes the "
-                        "device mesh)")
+        raise UserError("devices_per_image cannot differ between the points of a sweep (it shapes "
+                        "the device mesh)")
     devs = Devices(devices, rows.pop())
     writer = jax.process_index() == 0
     if writer:
@@ -324,7 +327,8 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
     if writer:
         records.write_json(workdir / "sweep.json", record)
     say(f"sweep: {len(sweep.points)} points, {len(skipped)} already done, {len(todo)} to run in "
-        f"{len(batches)} batch{'es' * (len(batches) != 1)} on {devs.count} device{'s' * (devs.count != 1)}")
+        f"{len(batches)} batch{'es' * (len(batches) != 1)} on {devs.count} "
+        f"device{'s' * (devs.count != 1)}")
 
     results: list[dict] = []
     if todo:
@@ -336,7 +340,8 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
             net = load_network(b.points[0].spec.network, None, params, weights_info)
             if ctx is None or ctx.params is not net[0]:
                 ctx = Context(programs, *net, say, progress=bool(cfg.get("progress", False)),
-                              writer=writer, should_stop=_AgreedStop(stop) if devs.multihost else stop,
+                              writer=writer,
+                              should_stop=_AgreedStop(stop) if devs.multihost else stop,
                               judge_params=params)
             if b.split_reason:
                 say(f"batch {b.index} runs its {len(b.points)} points in {b.n_chunks} chunks of "
@@ -357,8 +362,8 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
                     step = res.outcomes[0].result.steps_done
                     raise RunInterrupted(
                         f"stopped by {name} at step {step} of batch {b.index} (points "
-                        f"{ranges([p.index for p in pts])}): checkpointed them; finished points are "
-                        "kept; run the same command again to resume", signum, step)
+                        f"{ranges([p.index for p in pts])}): checkpointed them; finished points "
+                        "are kept; run the same command again to resume", signum, step)
                 for p, o in zip(pts, res.outcomes):
                     if o.result.bad_terms is not None:
                         say(f"point {p.index} ({p.label}) stopped: "
@@ -368,7 +373,8 @@ def _run_sweep(cfg, sweep, workdir: Path, overwrite, params, weights_info, say, 
                                     "final": o.result.final_terms, "image": o.result.image,
                                     "seconds": o.manifest["timing"]["wall_s"], "batch": b.index})
                 say(f"batch {b.index}" + (f" chunk {c + 1}/{b.n_chunks}" if b.n_chunks > 1 else "")
-                    + f": points {ranges([p.index for p in pts])} done in {time.time() - t_c:.1f} s")
+                    + f": points {ranges([p.index for p in pts])} "
+                      f"done in {time.time() - t_c:.1f} s")
     wall = time.time() - t_start
     invocation.update(status="finished", wall_s=wall, ran=[r["index"] for r in results])
     stopped = []
@@ -395,15 +401,16 @@ def sweep_main(cfg: ml_collections.ConfigDict, workdir: str | None, *, overwrite
         budget, shared, _ = memory.budget(sweep.memory_gb)
         devs = jax.devices()
         rows = max(1, sweep.points[0].spec.devices_per_image)
-        batches = plan(sweep, [p for p in sweep.points if p.index not in done], len(devs) // rows, budget,
-                       shared, rows=rows)
+        batches = plan(sweep, [p for p in sweep.points if p.index not in done], len(devs) // rows,
+                       budget, shared, rows=rows)
         print(describe(sweep, batches, done, len(devs), devs[0].platform))
         return 0
     if not workdir:
         raise UserError("--workdir is required (the directory for the sweep's outputs)")
     out = run_sweep(cfg, workdir, overwrite=overwrite)
     # Process 0 of a multi-host sweep writes the files; the others only computed their share.
-    did = (f"sweep wrote {Path(workdir) / 'summary.csv'} and grid.png" if jax.process_index() == 0 else
+    did = (f"sweep wrote {Path(workdir) / 'summary.csv'} and grid.png"
+           if jax.process_index() == 0 else
            f"process {jax.process_index()} of {jax.process_count()} (process 0 writes the files)")
     print(f"nstjax: {did}: {len(out['points'])} points "
           f"run, {len(out['skipped'])} already done, {out['wall_s']:.1f} s", flush=True)
@@ -411,7 +418,7 @@ def sweep_main(cfg: ml_collections.ConfigDict, workdir: str | None, *, overwrite
     # reads them): a resumed sweep whose stopped points were run before exits as the first did.
     stopped = out["stopped"]
     if stopped:
-        raise NonFinitePoints(f"sweep point{'s' * (len(stopped) > 1)} {ranges(stopped)} stopped on a "
-                              f"non-finite loss (last good images kept; the other points finished; "
-                              f"see summary.csv)")
+        raise NonFinitePoints(f"sweep point{'s' * (len(stopped) > 1)} {ranges(stopped)} stopped on "
+                              "a non-finite loss (last good images kept; the other points "
+                              "finished; see summary.csv)")
     return 0

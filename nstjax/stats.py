@@ -13,9 +13,9 @@ position weights w (M,) that sum to 1: uniform for a whole image, a normalised m
   squared Wasserstein-2 distance between the two Gaussians, divided by C:
   ||mu - mu_s||^2 + tr(S + S_s - 2 (S_s^{1/2} S S_s^{1/2})^{1/2}).
 
-The cross term tr((S_s^{1/2} S S_s^{1/2})^{1/2}) is the nuclear norm of B = diag(sqrt(w)) Fc S_s^{1/2}
-(Fc the centred activations), computed from the eigenvalues of the smaller of B^T B and B B^T
-(so a deep layer with fewer positions than channels costs an M x M eigendecomposition). Its
+The cross term tr((S_s^{1/2} S S_s^{1/2})^{1/2}) is the nuclear norm of B = diag(sqrt(w)) Fc
+S_s^{1/2} (Fc the centred activations), computed from the eigenvalues of the smaller of B^T B and B
+B^T (so a deep layer with fewer positions than channels costs an M x M eigendecomposition). Its
 gradient comes from a custom rule, B (B^T B)^{-1/2} with the eigenvalues floored, which is bounded
 (the polar factor of B) where the textbook derivative through eigenvectors divides by eigenvalue
 gaps and breaks on the rank-deficient covariances of small images.
@@ -124,7 +124,8 @@ def w2_loss(f: jax.Array, w: jax.Array, target: dict) -> jax.Array:
     mu = _wsum(w, f)
     d = f - mu
     cov_trace = jnp.sum(_wsum(w, d * d))
-    b = jnp.matmul(jnp.sqrt(w)[:, None] * d, target["cov_sqrt"], precision=HIGHEST)  # B^T B = S_s^{1/2} S S_s^{1/2}
+    # B^T B = S_s^{1/2} S S_s^{1/2}
+    b = jnp.matmul(jnp.sqrt(w)[:, None] * d, target["cov_sqrt"], precision=HIGHEST)
     cross = nuclear_norm(b)
     dm = mu - target["mean"]
     w2 = jnp.sum(dm * dm) + jnp.maximum(cov_trace + target["cov_trace"] - 2.0 * cross, 0.0)

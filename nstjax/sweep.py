@@ -56,11 +56,11 @@ from nstjax.problem import check_size_for_layers, output_shape, union_objective
 # settings. Every other field is part of the batch key, so a field added later splits batches rather
 # than being silently shared.
 TRACED_FIELDS = ("content_layers", "content_layer_weights", "style_layers", "style_layer_weights",
-                 "content_weight", "style_weight", "tv_weight", "normalize_gradients", "seed", "init",
-                 "progress", "hist_layers", "hist_layer_weights", "hist_weight",
+                 "content_weight", "style_weight", "tv_weight", "normalize_gradients", "seed",
+                 "init", "progress", "hist_layers", "hist_layer_weights", "hist_weight",
                  "content", "style", "style_blend", "style_scale", "style_resize", "content_masks",
-                 "style_masks", "preserve_color", "color_space", "print_every", "output", "output_bits",
-                 "style_layer_images")
+                 "style_masks", "preserve_color", "color_space", "print_every", "output",
+                 "output_bits", "style_layer_images")
 # summary.csv's columns besides the swept fields and the loss terms. A swept field's column is its
 # config field's name (dotted for a nested one), so none of these may be a config field's name:
 # the steps done are "steps_done" because "steps" is a field (tests/test_sweep.py checks them all).
@@ -104,7 +104,8 @@ def is_sweep(cfg: ml_collections.ConfigDict) -> bool:
     ``content`` or ``style`` that names a folder or a glob of images."""
     s = cfg.get("sweep") if hasattr(cfg, "get") else None
     explicit = s is not None and bool(len(s.get("axes", ())) or len(s.get("points", ())))
-    return explicit or any(_is_pattern(cfg.get(f)) for f in ("content", "style") if hasattr(cfg, "get"))
+    return explicit or any(_is_pattern(cfg.get(f)) for f in ("content", "style")
+                           if hasattr(cfg, "get"))
 
 
 def _is_pattern(value) -> bool:
@@ -178,7 +179,8 @@ def _parse_axes(axes) -> list[tuple[str, tuple]]:
     out, seen = [], set()
     for entry in axes:
         if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):
-            raise ConfigError(f"sweep.axes entries must be (field, (value, ...)) pairs, not {entry!r}")
+            raise ConfigError("sweep.axes entries must be (field, (value, ...)) pairs, not "
+                              f"{entry!r}")
         field, values = entry
         if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)):
             raise ConfigError(f"sweep axis {field!r} needs a tuple of values, not {values!r}")
@@ -211,7 +213,8 @@ def expand(cfg: ml_collections.ConfigDict) -> Sweep:
     if extra:
         raise ConfigError(f"unknown sweep field(s): {', '.join(sorted(extra))}")
     if cfg.get("output", ""):  # one file for many points: each point's final.png is its output
-        raise ConfigError("output (--output) is for a single run; a sweep writes points/*/final.png")
+        raise ConfigError("output (--output) is for a single run; a sweep writes "
+                          "points/*/final.png")
     axes = _parse_axes(s.axes)
     for field, values in image_axes(cfg):
         if field in dict(axes):
@@ -262,7 +265,8 @@ def expand(cfg: ml_collections.ConfigDict) -> Sweep:
         raise ConfigError(f"sweep.grid must be two field names (rows, columns), not {s.grid!r}")
     for g in grid:
         if g and g not in fields:
-            raise ConfigError(f"sweep.grid names {g!r}, which is not swept (swept: {', '.join(fields)})")
+            raise ConfigError(f"sweep.grid names {g!r}, which is not swept (swept: "
+                              f"{', '.join(fields)})")
     row, col = (g or None for g in grid)
     if row is not None and row == col:
         raise ConfigError("sweep.grid needs two different fields")
@@ -277,9 +281,11 @@ def expand(cfg: ml_collections.ConfigDict) -> Sweep:
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 0:
         raise ConfigError(f"sweep.max_batch must be an integer >= 0, not {max_batch!r}")
     mem = s.memory_gb
-    if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not math.isfinite(mem) or mem < 0:
+    if (isinstance(mem, bool) or not isinstance(mem, (int, float)) or not math.isfinite(mem)
+            or mem < 0):
         raise ConfigError(f"sweep.memory_gb must be a non-negative number, not {mem!r}")
-    return Sweep(fields, tuple(axes), points, (row, col), max_batch, float(mem), bool(s.distributed))
+    return Sweep(fields, tuple(axes), points, (row, col), max_batch, float(mem),
+                 bool(s.distributed))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,8 +371,9 @@ def plan_chunks(n_points: int, n_devices: int, per_point: float, budget: float |
         per_device = max(1, int((budget - shared) // max(per_point, 1)))
         if per_device * n_devices < cap:
             cap = per_device * n_devices
-            why = (f"{n_points} points need about {(shared + per_point * n_points / n_devices) / 2**30:.3g} GiB "
-                   f"per device, {budget / 2**30:.3g} GiB is available")
+            why = (f"{n_points} points need about "
+                   f"{(shared + per_point * n_points / n_devices) / 2**30:.3g} GiB per device, "
+                   f"{budget / 2**30:.3g} GiB is available")
     if why:  # a limit: the most slots within it, but at least one per device
         cap = max(n_devices, cap // n_devices * n_devices)
     else:
@@ -390,7 +397,8 @@ class Batch:
     split_reason: str
 
     def chunks(self) -> list[list[Point]]:
-        return [self.points[i * self.chunk_size:(i + 1) * self.chunk_size] for i in range(self.n_chunks)]
+        return [self.points[i * self.chunk_size:(i + 1) * self.chunk_size]
+                for i in range(self.n_chunks)]
 
     def record(self) -> dict:
         spec = self.points[0].spec

@@ -79,8 +79,10 @@ def summary_csv(sweep: Sweep, rows: list[dict]) -> str:
                 terms.append(t)
     main = [t for t in ("loss", "content", "style", "tv", "hist") if t in terms]
     layer_terms = sorted((t for t in terms if t not in main),
-                         key=lambda t: (t.split("/")[0], vgg.LAYER_INDEX.get(t.partition("/")[2], 99)))
-    judged = [m for m in JUDGE_METRICS if any(m in (r["manifest"].get("judge") or {}) for r in rows)]
+                         key=lambda t: (t.split("/")[0],
+                                        vgg.LAYER_INDEX.get(t.partition("/")[2], 99)))
+    judged = [m for m in JUDGE_METRICS
+              if any(m in (r["manifest"].get("judge") or {}) for r in rows)]
     header = ["index", "dir", *sweep.fields, "status", "steps_done",
               *(term_column(t) for t in main + layer_terms), *(f"judge_{m}" for m in judged),
               "seconds", "batch"]
@@ -115,23 +117,26 @@ def write_outputs(workdir: Path, sweep: Sweep, figures: bool = True) -> list[int
     if not figures or not rows:
         return stopped
     row_f, col_f = sweep.grid
-    in_grid = bool(sweep.points[0].config.judge.in_grid) if "judge" in sweep.points[0].config else False
+    in_grid = (bool(sweep.points[0].config.judge.in_grid) if "judge" in sweep.points[0].config
+               else False)
     cells = []
     for r in rows:
         p, m = r["point"], r["manifest"]
         loss = m.get("final", {}).get("loss")
         status = m.get("status", "")
         judge = m.get("judge") or {}
-        caption = f"#{p.index}  loss {float(loss):.3g}" if status == "finished" and loss is not None \
-            else f"#{p.index}  stopped at step {m.get('steps')}"
+        caption = (f"#{p.index}  loss {float(loss):.3g}"
+                   if status == "finished" and loss is not None
+                   else f"#{p.index}  stopped at step {m.get('steps')}")
         others = [f for f in sweep.fields if f not in (row_f, col_f)]
         row_label = ", ".join(([value_label(p.values[row_f])] if row_f else [])
                               + [f"{short_field(f)}={value_label(p.values[f])}" for f in others])
         col_label = value_label(p.values[col_f]) if col_f else ""
         if in_grid and judge:  # the fixed judge's numbers, comparable across the cells
             caption += f"  S {judge['style']:.3g} C {judge['content']:.3g} col {judge['color']:.3g}"
-        cells.append(plots.Cell(row_label, col_label, images.to_uint8(images.load_image(r["final_png"])),
-                                caption, status == "finished"))
+        cells.append(plots.Cell(row_label, col_label,
+                                images.to_uint8(images.load_image(r["final_png"])), caption,
+                                status == "finished"))
     others = [short_field(f) for f in sweep.fields if f not in (row_f, col_f)]
     row_title = ", ".join(([short_field(row_f)] if row_f else []) + others)
     plots.save_grid(workdir / "grid.png", cells, row_title=row_title,

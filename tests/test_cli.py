@@ -25,8 +25,10 @@ def _small(image_dir, *extra):
 def _run_cli(workdir: Path, image_dir: Path, compile_cache: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "nstjax", f"--workdir={workdir}", *_small(image_dir)[1:],
            "--config.log_every=5", "--config.save_every=10"]
-    env = {**os.environ, "NSTJAX_COMPILE_CACHE": "1", "NSTJAX_COMPILE_CACHE_DIR": str(compile_cache)}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env, check=False)
+    env = {**os.environ, "NSTJAX_COMPILE_CACHE": "1",
+           "NSTJAX_COMPILE_CACHE_DIR": str(compile_cache)}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
+                          check=False)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,8 @@ def test_run_writes_every_output(finished_run):
     workdir, r = finished_run
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
-    for f in ("final.png", "config.json", "metrics.jsonl", "manifest.json", "images/step_000010.png"):
+    for f in ("final.png", "config.json", "metrics.jsonl", "manifest.json",
+              "images/step_000010.png"):
         assert (workdir / f).is_file(), f
     img = Image.open(workdir / "final.png")
     assert img.mode == "RGB" and max(img.size) == 64
@@ -68,7 +71,8 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache_with_identic
     assert losses[0] == losses[1]
 
 
-def test_the_compilation_cache_can_be_turned_off_and_falls_back_when_unusable(tmp_path, monkeypatch):
+def test_the_compilation_cache_can_be_turned_off_and_falls_back_when_unusable(
+        tmp_path, monkeypatch):
     from nstjax import compile_cache
 
     monkeypatch.setenv("NSTJAX_COMPILE_CACHE", "0")
@@ -88,7 +92,8 @@ def test_metrics_show_the_loss_more_than_halved(finished_run):
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [0, 5, 10, 15, 20]
     for l in lines:
-        for k in ("loss", "content", "style", "tv", "elapsed_s", "style/relu3_1", "content/relu4_2"):
+        for k in ("loss", "content", "style", "tv", "elapsed_s", "style/relu3_1",
+                  "content/relu4_2"):
             assert k in l
         assert l["loss"] == pytest.approx(l["content"] + l["style"] + l["tv"], rel=1e-5)
     assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
@@ -101,7 +106,8 @@ def test_config_and_manifest_record_the_run(finished_run, image_dir):
     assert cfg["size"] == 64 and cfg["steps"] == 20 and cfg["style_layers"][0] == "relu1_1"
     m = json.loads((workdir / "manifest.json").read_text())
     assert m["status"] == "finished" and m["seed"] == 0 and m["steps"] == 20
-    assert m["weights"]["sha256"] == "c34748d2a8b1ad0a651c18a3addff1b0189af7f070cdaaa0dced0db6150b6af6"
+    assert m["weights"]["sha256"] == (
+        "c34748d2a8b1ad0a651c18a3addff1b0189af7f070cdaaa0dced0db6150b6af6")
     assert m["images"]["output"] == [48, 64, 3]
     assert m["images"]["styles"][0]["path"].endswith("starry_night.jpg")
     env = m["environment"]
@@ -116,7 +122,8 @@ def _run_main(argv, capsys):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.style_layers=('relu1_1','relu9_9')", "unknown style layer 'relu9_9'; valid layers: conv1_1"),
+    ("--config.style_layers=('relu1_1','relu9_9')",
+     "unknown style layer 'relu9_9'; valid layers: conv1_1"),
     ("--config.content_layers=('conv4_2x',)", "unknown content layer 'conv4_2x'"),
     ("--config.style_weight=nan", "style_weight must be finite"),
     ("--config.content_weight=-1", "content_weight must be non-negative"),
@@ -125,7 +132,8 @@ def _run_main(argv, capsys):
     ("--config.optimizer.name=sgd", "optimizer.name must be one of"),
     ("--config.pooling=median", "pooling must be 'max' or 'avg'"),
     ("--config.steps=-5", "steps must be an integer >= 0"),
-    ("--config.style_layer_weights=(1.0,2.0)", "style_layer_weights has 2 weights for 5 style layers"),
+    ("--config.style_layer_weights=(1.0,2.0)",
+     "style_layer_weights has 2 weights for 5 style layers"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, image_dir, capsys, override, message):
     code, err = _run_main(_small(image_dir, override) + [f"--workdir={tmp_path / 'w'}"], capsys)
@@ -141,21 +149,25 @@ def test_missing_and_corrupt_images(tmp_path, image_dir, capsys):
     assert code == 2 and "nope.jpg: no such image file" in err
     cut = tmp_path / "cut.jpg"
     cut.write_bytes((image_dir / "tubingen.jpg").read_bytes()[:2000])
-    code, err = _run_main(_small(image_dir, f"--config.style={cut}") + [f"--workdir={tmp_path / 'w2'}"], capsys)
+    code, err = _run_main(_small(image_dir, f"--config.style={cut}")
+                          + [f"--workdir={tmp_path / 'w2'}"], capsys)
     assert code == 2 and "cut.jpg" in err and "\n" not in err
     text = tmp_path / "notes.jpg"
     text.write_text("not a picture")
-    code, err = _run_main(_small(image_dir, f"--config.content={text}") + [f"--workdir={tmp_path / 'w3'}"], capsys)
+    code, err = _run_main(_small(image_dir, f"--config.content={text}")
+                          + [f"--workdir={tmp_path / 'w3'}"], capsys)
     assert code == 2 and "not an image file" in err
 
 
 def test_image_too_small_for_the_deepest_layer(tmp_path, image_dir, capsys):
-    code, err = _run_main(_small(image_dir, "--config.size=8") + [f"--workdir={tmp_path / 'w'}"], capsys)
+    code, err = _run_main(_small(image_dir, "--config.size=8") + [f"--workdir={tmp_path / 'w'}"],
+                          capsys)
     assert code == 2 and "too small for layer relu5_1" in err
 
 
 def test_missing_config_file_and_workdir(tmp_path, capsys):
-    code, err = _run_main(["nstjax", f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path}"], capsys)
+    code, err = _run_main(["nstjax", f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path}"],
+                          capsys)
     assert code == 2 and "nope.py" in err and "\n" not in err
     code, err = _run_main(["nstjax"], capsys)
     assert code == 2 and "--workdir is required" in err
@@ -185,7 +197,8 @@ def test_no_traceback_from_a_subprocess(tmp_path):
                         "--config.style_layers=('relu6_1',)"], capture_output=True, text=True,
                        cwd=ROOT, env=env, timeout=300, check=False)
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "relu6_1" in r.stderr and "Traceback" not in r.stderr
+    assert (r.stderr.strip().count("\n") == 0 and "relu6_1" in r.stderr
+            and "Traceback" not in r.stderr)
 
 
 @pytest.mark.parametrize("name", ["default.py", "gatys2015.py"])
@@ -218,8 +231,8 @@ def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path):
                    "def get_config():\n    c = base_config()\n"
                    "    c.sweep.axes = (('seed', tuple(range(2500))),)\n    return c\n")
     with open(tmp_path / "stderr", "wb") as err_file:
-        p = subprocess.Popen([sys.executable, "-m", "nstjax", f"--config={cfg}", "--dry_run"], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=err_file, bufsize=0)
+        p = subprocess.Popen([sys.executable, "-m", "nstjax", f"--config={cfg}", "--dry_run"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=err_file, bufsize=0)
         try:
             first = p.stdout.readline()
             p.stdout.close()
@@ -228,7 +241,8 @@ def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path):
             p.kill()
     err = (tmp_path / "stderr").read_text()
     assert first.startswith(b"sweep: 2500 points over seed"), first
-    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+    assert ("Traceback" not in err and "BrokenPipe" not in err
+            and "Exception ignored" not in err), err
     assert code == 141, err
 
 
@@ -242,7 +256,8 @@ _HEAD = "from nstjax.config import base_config\n\ndef get_config():\n    c = bas
      "SyntaxError: invalid syntax (line 3)"),
     (_HEAD + "    c.size = int('big')\n    return c\n",  # ml_collections put a whole traceback here
      "ValueError: invalid literal for int() with base 10: 'big' (line 5)"),
-    (_HEAD + "    c.style = open('/nonexistent/x').read()\n    return c\n",  # a traceback, exit 1, here
+    # a traceback, exit 1, here
+    (_HEAD + "    c.style = open('/nonexistent/x').read()\n    return c\n",
      "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/x' (line 5)"),
 ], ids=["NameError", "SyntaxError", "ValueError", "OSError"])
 def test_an_error_in_a_config_file_is_one_line_naming_file_and_line(tmp_path, body, expected):
@@ -251,8 +266,9 @@ def test_an_error_in_a_config_file_is_one_line_naming_file_and_line(tmp_path, bo
     and line."""
     cfg = tmp_path / "mine.py"
     cfg.write_text(body)
-    r = subprocess.run([sys.executable, "-m", "nstjax", f"--config={cfg}", f"--workdir={tmp_path / 'w'}",
-                        "--config.steps=3"], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    r = subprocess.run([sys.executable, "-m", "nstjax", f"--config={cfg}",
+                        f"--workdir={tmp_path / 'w'}", "--config.steps=3"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, check=False)
     assert r.returncode == 2, r.stderr
     assert r.stderr == f"nstjax: error: {cfg}: {expected}\n"
     assert not (tmp_path / "w").exists()
@@ -260,7 +276,8 @@ def test_an_error_in_a_config_file_is_one_line_naming_file_and_line(tmp_path, bo
 
 @pytest.mark.parametrize("body,expected", [
     ("x = 1\n", "mine.py: defines no get_config() function"),
-    ("def get_config():\n    pass\n", "mine.py: get_config() returned NoneType, not an ml_collections.ConfigDict"),
+    ("def get_config():\n    pass\n",
+     "mine.py: get_config() returned NoneType, not an ml_collections.ConfigDict"),
     (_HEAD + "    c.nosuch.value = 1\n    return c\n", "mine.py: AttributeError: "),
     (_HEAD + "    return c\n", None),
 ], ids=["no get_config", "returns None", "AttributeError", "good"])
@@ -271,6 +288,7 @@ def test_config_files_without_a_config_are_one_line(tmp_path, capsys, body, expe
     if expected is None:  # a good file, for contrast
         assert code == 0 and err == ""
         return
-    assert code == 2 and err.startswith(f"nstjax: error: {tmp_path}/{expected}") and "\n" not in err, err
+    assert (code == 2 and err.startswith(f"nstjax: error: {tmp_path}/{expected}")
+            and "\n" not in err), err
     if "AttributeError" in expected:
         assert err.endswith("(line 5)") and "unknown config field" not in err

@@ -20,4 +20,5 @@ def test_parametrisations_start_at_the_image_and_fix_moves_it_by_d(kind):
     np.testing.assert_allclose(np.asarray(to_image(z0)), image, atol=1e-3)
     z = [a + jnp.asarray(rng.normal(0, 5, a.shape), jnp.float32) for a in z0]
     d = jnp.asarray(rng.normal(0, 3, image.shape), jnp.float32)
-    np.testing.assert_allclose(np.asarray(to_image(fix(z, d))), np.asarray(to_image(z) + d), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(to_image(fix(z, d))), np.asarray(to_image(z) + d),
+                               atol=1e-3)

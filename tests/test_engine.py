@@ -51,8 +51,8 @@ def _finals(workdir: Path) -> dict[str, bytes]:
 def uninterrupted(tmp_path_factory, image_dir, weights):
     workdir = tmp_path_factory.mktemp("whole")
     with _Compiles() as compiles:
-        out = run_sweep(eight_points(image_dir), workdir, params=weights[0], weights_info=weights[1],
-                        say=lambda m: None)
+        out = run_sweep(eight_points(image_dir), workdir, params=weights[0],
+                        weights_info=weights[1], say=lambda m: None)
     return workdir, out, compiles.names
 
 
@@ -72,7 +72,8 @@ def test_a_sweep_killed_inside_a_batch_resumes_from_its_checkpoints_to_the_same_
                         f"def get_config():\n    return eight_points(Path({str(image_dir)!r}))\n")
     workdir = tmp_path / "w"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "nstjax", f"--config={cfg_file}", f"--workdir={workdir}"],
+    proc = subprocess.Popen([sys.executable, "-m", "nstjax", f"--config={cfg_file}",
+                             f"--workdir={workdir}"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     try:
@@ -84,7 +85,8 @@ def test_a_sweep_killed_inside_a_batch_resumes_from_its_checkpoints_to_the_same_
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert len(list(workdir.glob("points/*/checkpoints/4/nstjax_files.json"))) == 8, proc.stderr.read()
+    assert len(list(workdir.glob("points/*/checkpoints/4/nstjax_files.json"))) == 8, \
+        proc.stderr.read()
     assert not list(workdir.glob("points/*/final.png"))  # killed inside the batch
     said = []
     out = run_sweep(eight_points(image_dir), workdir, params=weights[0], weights_info=weights[1],
@@ -95,7 +97,8 @@ def test_a_sweep_killed_inside_a_batch_resumes_from_its_checkpoints_to_the_same_
     for d in (workdir / "points").iterdir():
         m = json.loads((d / "manifest.json").read_text())
         assert [r["from_step"] for r in m["resumes"]] == [4]
-        steps = [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+        steps = [json.loads(line)["step"]
+                 for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert steps == [0, 2, 4, 6, 8]  # each logged once: the resume truncated and went on
 
 
@@ -111,7 +114,8 @@ def test_a_single_run_is_a_batch_of_one_through_the_same_program(image_dir, weig
     c.sweep.axes = ()
     c.style = str(image_dir / STYLES[0])
     with _Compiles() as compiles:
-        summary = run(c, tmp_path / "one", params=weights[0], weights_info=weights[1], handle_signals=False)
+        summary = run(c, tmp_path / "one", params=weights[0], weights_info=weights[1],
+                      handle_signals=False)
     assert summary["steps_done"] == 2
     assert "batched_steps" in compiles.names and "steps" not in compiles.names
 
@@ -120,7 +124,8 @@ def test_a_sweep_with_scales_runs_to_the_end_with_intermediate_images(image_dir,
     c = eight_points(image_dir, scales=(32,), scale_steps=(4,), steps=2, save_every=2)
     c.sweep.axes = (("style_weight", (1e2, 1e4)),)
     c.style = str(image_dir / STYLES[0])
-    out = run_sweep(c, tmp_path / "w", params=weights[0], weights_info=weights[1], say=lambda m: None)
+    out = run_sweep(c, tmp_path / "w", params=weights[0], weights_info=weights[1],
+                    say=lambda m: None)
     assert [r["status"] for r in out["points"]] == ["finished", "finished"]
     rows = list(csv.DictReader((tmp_path / "w" / "summary.csv").open()))
     assert [r["steps_done"] for r in rows] == ["6", "6"]
@@ -163,7 +168,8 @@ def test_a_content_folder_makes_one_point_per_image(image_dir, tmp_path, capsys)
 
 
 def test_print_every_prints_the_loss_and_every_weighted_term(image_dir, tmp_path, capsys):
-    code = main(["nstjax", f"--workdir={tmp_path / 'w'}", f"--config.content={image_dir / 'tubingen.jpg'}",
+    code = main(["nstjax", f"--workdir={tmp_path / 'w'}",
+                 f"--config.content={image_dir / 'tubingen.jpg'}",
                  f"--config.style={image_dir / STYLES[0]}", "--config.size=32", "--config.steps=4",
                  "--config.progress=False", "--config.style_layers=('relu1_1','relu2_1')",
                  "--print_every=2"])

@@ -61,10 +61,12 @@ def test_histogram_match_is_exact():
 def test_quantiles():
     t = RNG.normal(size=(30, 2)).astype(np.float32)
     np.testing.assert_array_equal(histogram.quantiles(t, 30), np.sort(t, axis=0))
-    np.testing.assert_allclose(histogram.weighted_quantiles(t, None, 30), np.sort(t, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(histogram.weighted_quantiles(t, None, 30), np.sort(t, axis=0),
+                               rtol=1e-6)
     w = (RNG.random(30) < 0.5).astype(np.float32)  # weight 0 = not counted
     k = int(w.sum())
-    np.testing.assert_allclose(histogram.weighted_quantiles(t, w, k), np.sort(t[w > 0], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(histogram.weighted_quantiles(t, w, k), np.sort(t[w > 0], axis=0),
+                               rtol=1e-6)
     # Two images, equal weights: the pooled activations' sorted values.
     u = RNG.normal(2.0, 1.0, size=(30, 2)).astype(np.float32)
     both = histogram.weighted_quantiles(np.concatenate([t, u]), np.full(60, 1 / 60, np.float32), 60)
@@ -73,7 +75,8 @@ def test_quantiles():
     q = np.asarray(histogram.quantiles(t, 7))
     p = (np.arange(7) + 0.5) / 7
     for c in range(2):
-        np.testing.assert_allclose(q[:, c], np.interp(p, (np.arange(30) + 0.5) / 30, np.sort(t[:, c])),
+        np.testing.assert_allclose(q[:, c],
+                                   np.interp(p, (np.arange(30) + 0.5) / 30, np.sort(t[:, c])),
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -102,13 +105,15 @@ def test_mean_std_loss_against_numpy():
     np.testing.assert_allclose(target["mean"], s.mean(0), rtol=1e-5)
     np.testing.assert_allclose(target["std"], s.std(0), rtol=1e-4)
     expected = (((f.mean(0) - s.mean(0)) ** 2).sum() + ((f.std(0) - s.std(0)) ** 2).sum()) / 5
-    np.testing.assert_allclose(stats.mean_std_loss(f, stats.uniform_weights(60), target), expected, rtol=1e-4)
+    np.testing.assert_allclose(stats.mean_std_loss(f, stats.uniform_weights(60), target), expected,
+                               rtol=1e-4)
     # Weights restrict the statistics to a region.
     region = RNG.random(60) < 0.5
     w = region / region.sum()
     fr = f[region]
     expected = (((fr.mean(0) - s.mean(0)) ** 2).sum() + ((fr.std(0) - s.std(0)) ** 2).sum()) / 5
-    np.testing.assert_allclose(stats.mean_std_loss(f, jnp.asarray(w, jnp.float32), target), expected, rtol=1e-4)
+    np.testing.assert_allclose(stats.mean_std_loss(f, jnp.asarray(w, jnp.float32), target),
+                               expected, rtol=1e-4)
 
 
 def test_w2_between_gaussians_closed_forms():
@@ -116,17 +121,19 @@ def test_w2_between_gaussians_closed_forms():
     a, b = RNG.uniform(0.1, 4, 6), RNG.uniform(0.1, 4, 6)
     m1, m2 = RNG.normal(size=6), RNG.normal(size=6)
     expected = ((m1 - m2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    got = stats.gaussian_w2(*(jnp.asarray(v, jnp.float32) for v in (m1, np.diag(a), m2, np.diag(b))))
+    got = stats.gaussian_w2(*(jnp.asarray(v, jnp.float32)
+                              for v in (m1, np.diag(a), m2, np.diag(b))))
     np.testing.assert_allclose(got, expected, rtol=1e-4)
     # Full covariances, against scipy's sqrtm in float64.
     A, B = RNG.normal(size=(6, 6)), RNG.normal(size=(6, 6))
     s1, s2 = A @ A.T + 0.1 * np.eye(6), B @ B.T + 0.1 * np.eye(6)
     r2 = scipy.linalg.sqrtm(s2).real
-    expected = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(r2 @ s1 @ r2).real)
+    expected = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2
+                                                 - 2 * scipy.linalg.sqrtm(r2 @ s1 @ r2).real)
     got = stats.gaussian_w2(*(jnp.asarray(v, jnp.float32) for v in (m1, s1, m2, s2)))
     np.testing.assert_allclose(got, expected, rtol=1e-4)
-    np.testing.assert_allclose(stats.gaussian_w2(*(jnp.asarray(v, jnp.float32) for v in (m1, s1, m1, s1))),
-                               0.0, atol=1e-3)
+    np.testing.assert_allclose(
+        stats.gaussian_w2(*(jnp.asarray(v, jnp.float32) for v in (m1, s1, m1, s1))), 0.0, atol=1e-3)
 
 
 @pytest.mark.parametrize("m", [200, 4])  # more positions than channels, and fewer (rank-deficient)
@@ -136,13 +143,15 @@ def test_w2_loss_from_activations(m):
     s = RNG.normal(size=(300, c)).astype(np.float32) @ mix + 2.0
     f = RNG.normal(size=(m, c)).astype(np.float32)
     target = stats.w2_target(s, stats.uniform_weights(300))
-    np.testing.assert_allclose(target["cov_sqrt"] @ target["cov_sqrt"], np.cov(s.T, bias=True), rtol=1e-3,
-                               atol=1e-3)
+    np.testing.assert_allclose(target["cov_sqrt"] @ target["cov_sqrt"], np.cov(s.T, bias=True),
+                               rtol=1e-3, atol=1e-3)
     s_cov, f_cov = np.cov(s.T, bias=True), np.cov(f.T, bias=True)
     r = scipy.linalg.sqrtm(s_cov).real
     cross = np.trace(scipy.linalg.sqrtm(r @ f_cov @ r).real)
-    expected = (((f.mean(0) - s.mean(0)) ** 2).sum() + np.trace(f_cov) + np.trace(s_cov) - 2 * cross) / c
-    np.testing.assert_allclose(stats.w2_loss(f, stats.uniform_weights(m), target), expected, rtol=2e-3)
+    expected = (((f.mean(0) - s.mean(0)) ** 2).sum() + np.trace(f_cov) + np.trace(s_cov)
+                - 2 * cross) / c
+    np.testing.assert_allclose(stats.w2_loss(f, stats.uniform_weights(m), target), expected,
+                               rtol=2e-3)
     with jax.enable_x64(True):  # the custom gradient of tr(sqrt) agrees with finite differences
         t64 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), target)
         w64 = jnp.full((m,), 1.0 / m, jnp.float64)
@@ -164,7 +173,8 @@ def test_w2_gradient_is_finite_at_a_singular_covariance():
 
 
 def test_guided_gram_against_numpy(params):
-    """Masks pooled to each layer's exact shape; G_k = sum T^2 f f^T / sum T^2 (Gatys et al. 2017)."""
+    """Masks pooled to each layer's exact shape; G_k = sum T^2 f f^T / sum T^2 (Gatys et al.
+    2017)."""
     img = RNG.uniform(0, 255, (37, 53, 3)).astype(np.float32)  # odd sizes: VGG pools drop a row
     mask = np.zeros((37, 53), np.float32)
     mask[:, :20] = 1.0
@@ -180,7 +190,8 @@ def test_guided_gram_against_numpy(params):
                                    atol=1e-4 * np.abs(expected).max())
     # A full mask gives the ordinary per-position Gram.
     from nstjax.losses import style_target
-    np.testing.assert_allclose(masks.guided_gram(feats["relu2_1"], np.ones(feats["relu2_1"].shape[1:3])),
+    np.testing.assert_allclose(masks.guided_gram(feats["relu2_1"],
+                                                 np.ones(feats["relu2_1"].shape[1:3])),
                                style_target(feats["relu2_1"]), rtol=1e-5, atol=1e-3)
 
 
@@ -192,11 +203,11 @@ def test_style_mask_restricts_the_style_statistics(params):
     smask[:12] = 1.0
     f = features(params, style, ["relu2_1"])["relu2_1"]
     t = compute_targets(params, Objective((), ("relu2_1",)), content, [style], style_masks=[smask])
-    np.testing.assert_allclose(t["style"]["relu2_1"], masks.guided_gram(f, masks.layer_mask(smask, "relu2_1")),
-                               rtol=1e-5)
+    np.testing.assert_allclose(t["style"]["relu2_1"],
+                               masks.guided_gram(f, masks.layer_mask(smask, "relu2_1")), rtol=1e-5)
     top = np.asarray(f[0, :6], np.float64).reshape(-1, 128)  # relu2_1 is pooled once: rows 0..5
-    t = compute_targets(params, Objective((), ("relu2_1",), style_stat="mean_std"), content, [style],
-                        style_masks=[smask])
+    t = compute_targets(params, Objective((), ("relu2_1",), style_stat="mean_std"), content,
+                        [style], style_masks=[smask])
     np.testing.assert_allclose(t["style"]["relu2_1"]["mean"], top.mean(0), rtol=1e-4, atol=1e-3)
 
 
@@ -225,7 +236,8 @@ def test_color_spaces_round_trip_and_luminance():
     img = RNG.uniform(0, 255, (5, 4, 3))
     for space in color.SPACES:
         np.testing.assert_allclose(color.to_rgb(color.rgb_to(img, space), space), img, atol=1e-9)
-        np.testing.assert_allclose(color.luminance(img, space), img @ [0.299, 0.587, 0.114], atol=1e-9)
+        np.testing.assert_allclose(color.luminance(img, space), img @ [0.299, 0.587, 0.114],
+                                   atol=1e-9)
     gray = np.full((3, 3, 3), 100.0)
     np.testing.assert_allclose(color.chroma(gray), 0.0, atol=1e-9)  # gray has no chroma
     content = RNG.uniform(0, 255, (6, 6, 3))
@@ -280,19 +292,23 @@ def test_objective_fields_are_static_and_weights_traced(params):
     assert t["style"]["relu2_1"].shape == (2, 128, 128)
     assert t["hist"]["relu1_1"].shape == (2, 16 * 24, 64)
     assert t["masks"]["relu2_1"].shape == (2, 8, 12)
-    batch = jax.tree.map(lambda *xs: jnp.stack(xs), *[objective_weights(obj, 1.0, 10.0, 0.0, hist_weight=h)
-                                                      for h in (0.0, 1.0, 2.0)])
+    batch = jax.tree.map(lambda *xs: jnp.stack(xs),
+                         *[objective_weights(obj, 1.0, 10.0, 0.0, hist_weight=h)
+                           for h in (0.0, 1.0, 2.0)])
     losses = jax.jit(jax.vmap(lambda w: loss_terms(params, jnp.asarray(content), t, w, obj)))(batch)
-    np.testing.assert_allclose(losses["hist"], [0.0, losses["hist"][1], 2 * losses["hist"][1]], rtol=1e-5)
+    np.testing.assert_allclose(losses["hist"], [0.0, losses["hist"][1], 2 * losses["hist"][1]],
+                               rtol=1e-5)
     assert float(losses["hist"][1]) > 0
     np.testing.assert_allclose(losses["loss"], losses["content"] + losses["style"] + losses["tv"]
                                + losses["hist"], rtol=1e-5)
-    for stat, key, shape in (("gram", None, (64, 64)), ("mean_std", "std", (64,)), ("w2", "cov_sqrt", (64, 64))):
+    for stat, key, shape in (("gram", None, (64, 64)), ("mean_std", "std", (64,)),
+                             ("w2", "cov_sqrt", (64, 64))):
         o = Objective((), ("relu1_1",), style_stat=stat)
         target = compute_targets(params, o, content, styles, [1.0, 3.0])["style"]["relu1_1"]
         assert (target if key is None else target[key]).shape == shape
         o = dataclasses.replace(o, regions=2)
-        target = compute_targets(params, o, content, styles, content_masks=[left, 1 - left])["style"]["relu1_1"]
+        target = compute_targets(params, o, content, styles,
+                                 content_masks=[left, 1 - left])["style"]["relu1_1"]
         assert (target if key is None else target[key]).shape == (2,) + shape
     with pytest.raises(ConfigError, match="content masks"):
         compute_targets(params, obj, content, styles)
@@ -307,7 +323,8 @@ def test_blended_statistics_are_the_mixtures(params):
     fa = np.asarray(features(params, a, ["relu1_1"])["relu1_1"][0], np.float64).reshape(-1, 64)
     fb = np.asarray(features(params, b, ["relu1_1"])["relu1_1"][0], np.float64).reshape(-1, 64)
     pooled = np.concatenate([fa, fb])  # equal sizes and equal weights: the pooled activations
-    t = compute_targets(params, Objective((), ("relu1_1",), style_stat="mean_std", hist_layers=("relu1_1",)),
+    t = compute_targets(params, Objective((), ("relu1_1",), style_stat="mean_std",
+                                          hist_layers=("relu1_1",)),
                         content, [a, b], [1.0, 1.0])
     np.testing.assert_allclose(t["style"]["relu1_1"]["mean"], pooled.mean(0), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(t["style"]["relu1_1"]["std"], pooled.std(0), rtol=1e-3, atol=1e-2)
@@ -316,7 +333,8 @@ def test_blended_statistics_are_the_mixtures(params):
     np.testing.assert_allclose(q, 0.5 * (s[0::2] + s[1::2]), rtol=1e-4, atol=1e-3)
     w2 = compute_targets(params, Objective((), ("relu1_1",), style_stat="w2"), content, [a, b])
     cov = np.asarray(w2["style"]["relu1_1"]["cov_sqrt"], np.float64)
-    np.testing.assert_allclose(cov @ cov, np.cov(pooled.T, bias=True), rtol=1e-2, atol=1e-2 * np.abs(cov @ cov).max())
+    np.testing.assert_allclose(cov @ cov, np.cov(pooled.T, bias=True), rtol=1e-2,
+                               atol=1e-2 * np.abs(cov @ cov).max())
 
 
 def test_config_fields(tmp_path, image_dir):
@@ -330,9 +348,11 @@ def test_config_fields(tmp_path, image_dir):
     spec = validate(cfg())
     assert spec.objective.style_stat == "gram" and not spec.objective.hist_layers
     assert spec.objective.regions == 0 and spec.preserve_color == "none"
-    spec = validate(cfg(style_stat="w2", hist_layers=("relu1_1", "relu4_1"), hist_layer_weights=(2.0, 1.0),
-                        hist_weight=7.0, preserve_color="luminance", color_space="yuv"))
-    assert spec.objective.style_stat == "w2" and spec.objective.hist_layers == ("relu1_1", "relu4_1")
+    spec = validate(cfg(style_stat="w2", hist_layers=("relu1_1", "relu4_1"),
+                        hist_layer_weights=(2.0, 1.0), hist_weight=7.0, preserve_color="luminance",
+                        color_space="yuv"))
+    assert (spec.objective.style_stat == "w2"
+            and spec.objective.hist_layers == ("relu1_1", "relu4_1"))
     assert spec.hist_weight == 7.0 and spec.hist_layer_weights == (2.0, 1.0)
     assert spec.preserve_color == "luminance" and spec.color_space == "yuv"
     two = f"{image_dir / 'starry_night.jpg'},{image_dir / 'shipwreck.jpg'}"
@@ -340,12 +360,14 @@ def test_config_fields(tmp_path, image_dir):
     assert spec.objective.regions == 2 and spec.content_masks == ("a.png", "b.png")
     for bad, match in (({"style_stat": "gramm"}, "style_stat"),
                        ({"hist_layers": ("relu9_1",)}, "unknown hist layer"),
-                       ({"hist_layers": ("relu1_1",), "hist_layer_weights": (1.0, 2.0)}, "hist_layer_weights"),
+                       ({"hist_layers": ("relu1_1",), "hist_layer_weights": (1.0, 2.0)},
+                        "hist_layer_weights"),
                        ({"hist_weight": float("nan")}, "hist_weight"),
                        ({"preserve_color": "yes"}, "preserve_color"),
                        ({"color_space": "lab"}, "color_space"),
                        ({"style": two, "content_masks": "a.png"}, "1 masks for 2 style images"),
-                       ({"style": two, "content_masks": "a.png,b.png", "style_blend": (1.0, 2.0)}, "style_blend"),
+                       ({"style": two, "content_masks": "a.png,b.png", "style_blend": (1.0, 2.0)},
+                        "style_blend"),
                        ({"style_masks": "a.png,b.png"}, "style_masks has 2 masks")):
         with pytest.raises(ConfigError, match=match):
             validate(cfg(**bad))
@@ -353,7 +375,7 @@ def test_config_fields(tmp_path, image_dir):
     assert validate(cfg(content_masks="a.png")).objective.regions == 1
 
 
-# ---- behaviour: each paper's claim, measured ------------------------------------------------------
+# ---- behaviour: each paper's claim, measured ---------------------------------------------------
 
 
 def _config(image_dir, **kw):
@@ -380,7 +402,8 @@ def test_colour_preservation_keeps_the_contents_chroma(params, image_dir, tmp_pa
     d_plain = _chroma_distance(plain, content)
     assert d_plain[0] > 5.0  # the plain transfer does change the colours (blue and yellow)
 
-    matched = optimise_problem(load_problem(validate(_config(image_dir, preserve_color="histogram")), params)).image
+    matched = optimise_problem(
+        load_problem(validate(_config(image_dir, preserve_color="histogram")), params)).image
     d_hist = _chroma_distance(matched, content)
     assert all(h < 0.9 * p for h, p in zip(d_hist, d_plain)), (d_hist, d_plain)
 
@@ -396,8 +419,10 @@ def _flat_styles():
     """Two flat-colour-ish textures: red-orange stripes and blue waves."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:64, :64]
-    red = np.stack([200 + 40 * np.sin(xx / 2.0), 40 + 30 * np.sin(yy / 3.0), 30 + 20 * rng.random((64, 64))], -1)
-    blue = np.stack([30 + 20 * rng.random((64, 64)), 60 + 40 * np.sin((xx + yy) / 3.0), 210 + 30 * np.cos(yy / 2.0)], -1)
+    red = np.stack([200 + 40 * np.sin(xx / 2.0), 40 + 30 * np.sin(yy / 3.0),
+                    30 + 20 * rng.random((64, 64))], -1)
+    blue = np.stack([30 + 20 * rng.random((64, 64)), 60 + 40 * np.sin((xx + yy) / 3.0),
+                     210 + 30 * np.cos(yy / 2.0)], -1)
     return red.astype(np.float32), blue.astype(np.float32)
 
 
@@ -411,13 +436,16 @@ def test_masks_confine_each_style_to_its_region(params, tubingen):
     spec = OptimizerSpec("lbfgs")
     gaps = {}
     for masked in (True, False):
-        obj = Objective(("relu4_2",), L5, content_norm="mean", gram_norm="chw", regions=2 if masked else 0)
-        t = compute_targets(params, obj, tubingen, [red, blue], content_masks=[left, 1 - left] if masked else None)
+        obj = Objective(("relu4_2",), L5, content_norm="mean", gram_norm="chw",
+                        regions=2 if masked else 0)
+        t = compute_targets(params, obj, tubingen, [red, blue],
+                            content_masks=[left, 1 - left] if masked else None)
         weights = objective_weights(obj, 1.0, 500.0, 0.0)
         x = init_image("noise", jax.random.PRNGKey(0), tubingen)
         state = spec.build().init(x)
         for _ in range(4):  # 20 steps, compiled 5 at a time (compiling is the slow part on a CPU)
-            x, state, _, _, ok = run_steps(params, t, weights, x, state, obj=obj, spec=spec, n_steps=5)
+            x, state, _, _, ok = run_steps(params, t, weights, x, state, obj=obj, spec=spec,
+                                           n_steps=5)
         assert bool(ok)
         x = np.asarray(x)
         halves = x[:, : w // 2].reshape(-1, 3).mean(0), x[:, w // 2:].reshape(-1, 3).mean(0)
@@ -425,7 +453,8 @@ def test_masks_confine_each_style_to_its_region(params, tubingen):
             return float(np.linalg.norm(a - s.reshape(-1, 3).mean(0)))
 
         # How much closer each half is to its own style than to the other one.
-        gaps[masked] = (dist(halves[0], blue) - dist(halves[0], red), dist(halves[1], red) - dist(halves[1], blue))
+        gaps[masked] = (dist(halves[0], blue) - dist(halves[0], red),
+                        dist(halves[1], red) - dist(halves[1], blue))
     assert gaps[True][0] > 10 and gaps[True][1] > 10, gaps
     assert abs(gaps[False][0] + gaps[False][1]) < 5, gaps  # unmasked: the halves do not separate
 
@@ -439,19 +468,22 @@ def test_histogram_loss_matches_activation_histograms_better_than_gram(params, t
     fs = features(params, starry, layers)
     distances = {}
     for with_hist in (False, True):
-        obj = Objective((), L5, content_norm="mean", gram_norm="chw", hist_layers=layers if with_hist else ())
+        obj = Objective((), L5, content_norm="mean", gram_norm="chw",
+                        hist_layers=layers if with_hist else ())
         t = compute_targets(params, obj, tubingen, [starry])
         weights = objective_weights(obj, 0.0, 500.0, 0.0, **(
             {"hist_weight": 500.0, "hist_layer_weights": (100.0, 1.0)} if with_hist else {}))
         x = init_image("noise", jax.random.PRNGKey(0), tubingen)
         state = spec.build().init(x)
         for _ in range(4):  # 20 steps, compiled 5 at a time (compiling is the slow part on a CPU)
-            x, state, _, _, ok = run_steps(params, t, weights, x, state, obj=obj, spec=spec, n_steps=5)
+            x, state, _, _, ok = run_steps(params, t, weights, x, state, obj=obj, spec=spec,
+                                           n_steps=5)
         assert bool(ok)
         fo = features(params, x, layers)
         distances[with_hist] = [
             float(histogram.histogram_distance(fo[l][0], histogram.quantiles(
-                np.asarray(fs[l][0]).reshape(-1, fs[l].shape[-1]), fo[l].shape[1] * fo[l].shape[2])))
+                np.asarray(fs[l][0]).reshape(-1, fs[l].shape[-1]),
+                fo[l].shape[1] * fo[l].shape[2])))
             for l in layers]
     assert all(h < 0.95 * g for h, g in zip(distances[True], distances[False])), distances
 
@@ -464,24 +496,30 @@ def test_command_line_with_masks_histogram_and_statistic(image_dir, tmp_path, ca
     sky[:20] = 255
     Image.fromarray(sky).save(tmp_path / "sky.png")
     base = ["nstjax", f"--config.content={image_dir / 'tubingen.jpg'}",
-            f"--config.style={image_dir / 'starry_night.jpg'}", "--config.size=64", "--config.steps=5",
-            "--config.chunk=5", "--config.log_every=5", "--config.progress=False"]
+            f"--config.style={image_dir / 'starry_night.jpg'}", "--config.size=64",
+            "--config.steps=5", "--config.chunk=5", "--config.log_every=5",
+            "--config.progress=False"]
     work = tmp_path / "run"
     assert main(base + [f"--workdir={work}", f"--config.content_masks={tmp_path / 'sky.png'}",
-                        "--config.hist_layers=('relu1_1','relu3_1')", "--config.style_stat=mean_std"]) == 0
+                        "--config.hist_layers=('relu1_1','relu3_1')",
+                        "--config.style_stat=mean_std"]) == 0
     lines = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
     last = lines[-1]
     assert last["step"] == 5 and last["hist/relu3_1"] > 0
-    assert last["loss"] == pytest.approx(last["content"] + last["style"] + last["tv"] + last["hist"], rel=1e-5)
-    assert json.loads((work / "config.json").read_text())["content_masks"] == str(tmp_path / "sky.png")
+    assert last["loss"] == pytest.approx(
+        last["content"] + last["style"] + last["tv"] + last["hist"], rel=1e-5)
+    assert (json.loads((work / "config.json").read_text())["content_masks"]
+            == str(tmp_path / "sky.png"))
     final = np.asarray(Image.open(work / "final.png"), np.float32)
-    content = np.asarray(Image.open(image_dir / "tubingen.jpg").resize((64, 48), Image.LANCZOS), np.float32)
+    content = np.asarray(Image.open(image_dir / "tubingen.jpg").resize((64, 48), Image.LANCZOS),
+                         np.float32)
     # Only the sky (top rows) was given a style: the bottom rows changed less.
     change = np.abs(final - content).mean(axis=(1, 2))
     assert change[:16].mean() > 1.5 * change[-16:].mean(), change
     capsys.readouterr()
     for extra, message in (
-            ([f"--config.content_masks={tmp_path / 'sky.png'},{tmp_path / 'sky.png'}"], "2 masks for 1 style"),
+            ([f"--config.content_masks={tmp_path / 'sky.png'},{tmp_path / 'sky.png'}"],
+             "2 masks for 1 style"),
             ([f"--config.content_masks={tmp_path / 'nope.png'}"], "no such image file"),
             (["--config.preserve_color=grayscale"], "preserve_color must be one of")):
         assert main(base + [f"--workdir={tmp_path / 'bad'}", *extra]) == 2

@@ -34,10 +34,12 @@ def figure(tmp_path_factory, image_dir):
 
 def test_a_figure_writes_its_figure_table_curves_and_manifest(figure):
     _, out = figure
-    for name in ("figure.png", "losses.csv", "loss_curves.png", "manifest.json", "sweep/summary.csv"):
+    for name in ("figure.png", "losses.csv", "loss_curves.png", "manifest.json",
+                 "sweep/summary.csv"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "losses.csv").open()))
-    assert [r["content_layers"] for r in rows] == ["relu1_2", "relu2_2", "relu3_2", "relu4_2", "relu5_2"]
+    assert [r["content_layers"] for r in rows] == ["relu1_2", "relu2_2", "relu3_2", "relu4_2",
+                                                   "relu5_2"]
     assert all(r["status"] == "finished" and r["steps_done"] == "8" for r in rows)
     assert all(float(r["loss"]) == pytest.approx(float(r["content_loss"]) + float(r["style_loss"])
                                                  + float(r["tv_loss"]), rel=1e-5) for r in rows)
@@ -61,7 +63,8 @@ def test_running_a_figure_again_gives_the_same_losses(figure, tmp_path, image_di
 
 def test_a_missing_image_folder_is_one_line_and_exit_2(tmp_path, capsys):
     figures = _figures()
-    code = figures.main(["styles", "--quick", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    code = figures.main(["styles", "--quick", "--images", str(tmp_path / "nope"), "--out",
+                         str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no image folder" in err, err
 

@@ -40,8 +40,9 @@ def test_a_checkpoint_that_cannot_be_written_is_reported_once_and_leaves_nothing
     def full_disk_save(step, **kwargs):  # as orbax on a full disk: a temporary directory, noise
         (tmp_path / "checkpoints" / f"{step}{TMP_MARK}-1700000000" / "state").mkdir(parents=True)
         logging.getLogger("absl").error("_SignalingThread.run() raised an exception: Traceback ...")
-        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"image/0\" in OCDBT database: Failed to "
-                         "write 508173 bytes to file 9: No space left on device [os_error_code='28']")
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"image/0\" in OCDBT database: Failed "
+                         "to write 508173 bytes to file 9: No space left on device "
+                         "[os_error_code='28']")
 
     ckpts._mgr.save = full_disk_save
     state = RunState(10, np.zeros((4, 4, 3), np.float32), (), np.zeros(2, np.uint32))
@@ -50,8 +51,10 @@ def test_a_checkpoint_that_cannot_be_written_is_reported_once_and_leaves_nothing
         assert ckpts.save(RunState(20, state.image, (), state.rng)) is False
     ckpts.close()
     assert len(messages) == 1, messages
-    assert "No space left on device" in messages[0] and str(tmp_path / "checkpoints" / "10") in messages[0]
-    assert not [p for p in (tmp_path / "checkpoints").iterdir()], "a half-written checkpoint was left"
+    assert ("No space left on device" in messages[0]
+            and str(tmp_path / "checkpoints" / "10") in messages[0])
+    assert not [p for p in (tmp_path / "checkpoints").iterdir()], \
+        "a half-written checkpoint was left"
     assert not [r for r in caplog.records if "SignalingThread" in r.getMessage()]
 
 

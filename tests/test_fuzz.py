@@ -1,5 +1,6 @@
-"""Property-based fuzzing (hypothesis): the image loader and the config validator refuse garbage with
-their one-line errors and never with anything else (which would reach the user as a traceback)."""
+"""Property-based fuzzing (hypothesis): the image loader and the config validator refuse garbage
+with their one-line errors and never with anything else (which would reach the user as a
+traceback)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def _load(data: bytes, suffix: str = ".img"):
 def _check(result):
     if result is not None:  # whatever decoded must be a proper RGB image in range
         assert result.ndim == 3 and result.shape[2] == 3 and result.dtype == np.float32
-        assert result.size and np.isfinite(result).all() and result.min() >= 0 and result.max() <= 255
+        assert (result.size and np.isfinite(result).all() and result.min() >= 0
+                and result.max() <= 255)
 
 
 def _encoded(fmt: str, mode: str) -> bytes:
@@ -50,11 +52,11 @@ def _encoded(fmt: str, mode: str) -> bytes:
     return buf.getvalue()
 
 
-SAMPLES = [_encoded(f, m) for f, m in (("JPEG", "RGB"), ("JPEG", "CMYK"), ("PNG", "RGBA"), ("PNG", "P"),
-                                       ("GIF", "P"), ("BMP", "RGB"), ("TIFF", "RGB"), ("WEBP", "RGB"),
-                                       ("PNG", "L"))]
-MAGICS = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF",
-          b"P6\n", b"\x00\x00\x01\x00", b""]
+SAMPLES = [_encoded(f, m) for f, m in (("JPEG", "RGB"), ("JPEG", "CMYK"), ("PNG", "RGBA"),
+                                       ("PNG", "P"), ("GIF", "P"), ("BMP", "RGB"), ("TIFF", "RGB"),
+                                       ("WEBP", "RGB"), ("PNG", "L"))]
+MAGICS = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+          b"RIFF", b"P6\n", b"\x00\x00\x01\x00", b""]
 
 
 @FUZZ
@@ -77,13 +79,14 @@ def test_loader_on_truncated_and_corrupted_real_images(sample, cut, flips):
 # Config
 
 _scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["relu1_1", "relu4_2", "max", "avg", "mean", "paper", "chw",
-                                           "l1", "l2", "lbfgs", "adam", "noise", "content", "default",
-                                           "builtin:hopper", ""]))
+    st.none(), st.booleans(), st.integers(-10**20, 10**20),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["relu1_1", "relu4_2", "max", "avg", "mean", "paper", "chw", "l1", "l2",
+                     "lbfgs", "adam", "noise", "content", "default", "builtin:hopper", ""]))
 _values = st.one_of(_scalars, st.lists(_scalars, max_size=4), st.tuples(_scalars, _scalars),
-                    st.dictionaries(st.sampled_from(["name", "learning_rate", "memory_size", "b1", "x"]),
-                                    _scalars, max_size=3))
+                    st.dictionaries(
+                        st.sampled_from(["name", "learning_rate", "memory_size", "b1", "x"]),
+                        _scalars, max_size=3))
 FIELDS = sorted(base_config().keys())
 OPT_FIELDS = ["name", "learning_rate", "memory_size", "b1", "b2", "extra"]
 

@@ -29,7 +29,8 @@ def test_resize_keeps_aspect_and_range(image_dir):
 def test_init_from_a_file_is_resized_to_the_output(params, image_dir, tmp_path):
     Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "init.png")
     c = base_config()
-    c.content, c.style, c.size = str(image_dir / "tubingen.jpg"), str(image_dir / "starry_night.jpg"), 64
+    c.content, c.style, c.size = (str(image_dir / "tubingen.jpg"),
+                                  str(image_dir / "starry_night.jpg"), 64)
     c.init = str(tmp_path / "init.png")
     problem = load_problem(validate(c), params)
     assert problem.image.shape == (48, 64, 3)

@@ -28,7 +28,8 @@ def _start(args: list[str]) -> subprocess.Popen:
 
 
 def _run_args(image_dir: Path, workdir: Path) -> list[str]:
-    return ["-m", "nstjax", f"--workdir={workdir}", f"--config.content={image_dir / 'tubingen.jpg'}",
+    return ["-m", "nstjax", f"--workdir={workdir}",
+            f"--config.content={image_dir / 'tubingen.jpg'}",
             f"--config.style={image_dir / 'starry_night.jpg'}", "--config.size=32",
             "--config.steps=4", "--config.chunk=2", "--config.log_every=2",
             "--config.checkpoint_every=2", "--config.style_layers=('relu1_1',)"]
@@ -39,7 +40,8 @@ def _lines(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("delay", [0.1, 0.3, 0.5, 1.0, 1.5])
-def test_a_ctrl_c_at_any_moment_of_start_up_ends_in_one_line_with_exit_130(delay, tmp_path, image_dir):
+def test_a_ctrl_c_at_any_moment_of_start_up_ends_in_one_line_with_exit_130(delay, tmp_path,
+                                                                           image_dir):
     workdir = tmp_path / "w"
     p = _start(_run_args(image_dir, workdir))
     time.sleep(delay)
@@ -96,7 +98,8 @@ def test_a_ctrl_c_while_the_process_exits_ends_it_at_once_without_a_traceback(ar
     assert len(lines) == 1 and lines[0].startswith(last), lines  # an error's line was already out
 
 
-def test_an_interrupted_replay_into_a_temporary_directory_does_not_promise_a_resume(tmp_path, monkeypatch):
+def test_an_interrupted_replay_into_a_temporary_directory_does_not_promise_a_resume(
+        tmp_path, monkeypatch):
     import numpy as np
 
     import nstjax.run as R

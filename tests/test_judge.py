@@ -46,13 +46,16 @@ def test_the_judge_does_not_depend_on_a_points_own_objective(judged_sweep):
     assert len(rows) == 4 and len(out["batches"]) == 2
     for col in ("judge_style", "judge_content", "judge_color"):
         values = {r[col] for r in rows}
-        assert len(values) == 1 and float(values.pop()) >= 0, col  # the same image, the same numbers
+        # the same image, the same numbers
+        assert len(values) == 1 and float(values.pop()) >= 0, col
     assert "judge_color_content" not in rows[0]  # only when colour is preserved
     assert (workdir / "judge.png").stat().st_size > 1000
 
 
-def test_the_colour_distance_is_the_per_channel_wasserstein_distance_of_the_pixels(judged_sweep, image_dir):
-    """Recomputed with numpy: the result resized to the judge's size against the painting's pixels."""
+def test_the_colour_distance_is_the_per_channel_wasserstein_distance_of_the_pixels(
+        judged_sweep, image_dir):
+    """Recomputed with numpy: the result resized to the judge's size against the painting's
+    pixels."""
     import jax
 
     workdir, out = judged_sweep
@@ -68,11 +71,12 @@ def test_the_colour_distance_is_the_per_channel_wasserstein_distance_of_the_pixe
     assert m["judge"]["color"] == pytest.approx(ref, rel=2e-2)
 
 
-def test_a_run_records_its_judge_in_the_manifest_and_metrics_and_every_n_steps(image_dir, weights, tmp_path):
+def test_a_run_records_its_judge_in_the_manifest_and_metrics_and_every_n_steps(
+        image_dir, weights, tmp_path):
     c = _config(image_dir, preserve_color="luminance")
     c.judge.every = 3
-    summary = run(c, tmp_path / "w", params=weights[0], weights_info=weights[1], handle_signals=False,
-                  log=lambda m: None)
+    summary = run(c, tmp_path / "w", params=weights[0], weights_info=weights[1],
+                  handle_signals=False, log=lambda m: None)
     m = json.loads((tmp_path / "w" / "manifest.json").read_text())
     assert set(m["judge"]) == {"style", "content", "color", "color_content", "size"}
     assert m["judge"]["size"] == [96, 128]
@@ -84,8 +88,8 @@ def test_a_run_records_its_judge_in_the_manifest_and_metrics_and_every_n_steps(i
 def test_more_style_weight_brings_the_judges_style_distance_down(image_dir, weights, tmp_path):
     c = _config(image_dir, steps=10, chunk=5, log_every=5)
     c.sweep.axes = (("style_weight", (0.0, 1e4)),)
-    out = run_sweep(c, tmp_path / "w", params=weights[0], weights_info=weights[1], say=lambda m: None,
-                    write_figures=False)
+    out = run_sweep(c, tmp_path / "w", params=weights[0], weights_info=weights[1],
+                    say=lambda m: None, write_figures=False)
     rows = list(csv.DictReader((tmp_path / "w" / "summary.csv").open()))
     none, heavy = (float(r["judge_style"]) for r in rows)
     assert heavy < 0.75 * none, (none, heavy)  # measured: 0.51 after 10 steps

@@ -56,9 +56,10 @@ def test_style_loss_is_the_papers_e_l():
     A = s.reshape(-1, N).T.astype(np.float64) @ s.reshape(-1, N).astype(np.float64)
     expected = ((G - A) ** 2).sum() / (4 * N ** 2 * M ** 2)
     np.testing.assert_allclose(style_loss(f, style_target(s), "paper"), expected, rtol=1e-4)
-    np.testing.assert_allclose(style_loss(f, style_target(s), "mean"), (((G - A) / M) ** 2).mean(), rtol=1e-4)
-    np.testing.assert_allclose(style_loss(f, style_target(s), "chw"), (((G - A) / M) ** 2).mean() / N ** 2,
+    np.testing.assert_allclose(style_loss(f, style_target(s), "mean"), (((G - A) / M) ** 2).mean(),
                                rtol=1e-4)
+    np.testing.assert_allclose(style_loss(f, style_target(s), "chw"),
+                               (((G - A) / M) ** 2).mean() / N ** 2, rtol=1e-4)
 
 
 def test_style_target_does_not_depend_on_style_image_size():
@@ -85,7 +86,8 @@ def test_loss_terms_match_hand_computation(params, tubingen, starry):
     fx = features(params, x, obj.layers, "avg")
     fc = features(params, tubingen, ["relu4_2"], "avg")
     fs = features(params, starry, obj.style_layers, "avg")
-    content = 2.0 * 0.5 * np.sum((np.asarray(fx["relu4_2"], np.float64) - np.asarray(fc["relu4_2"])) ** 2)
+    content = 2.0 * 0.5 * np.sum((np.asarray(fx["relu4_2"], np.float64)
+                                  - np.asarray(fc["relu4_2"])) ** 2)
     np.testing.assert_allclose(terms["content"], content, rtol=1e-4)
     style = 0.0
     for l, wl in (("relu1_1", 0.25), ("relu3_1", 0.75)):
@@ -98,7 +100,8 @@ def test_loss_terms_match_hand_computation(params, tubingen, starry):
         style += 30.0 * wl * e
     np.testing.assert_allclose(terms["style"], style, rtol=1e-3)
     np.testing.assert_allclose(terms["tv"], 0.5 * tv_loss(x), rtol=1e-5)
-    np.testing.assert_allclose(terms["loss"], terms["content"] + terms["style"] + terms["tv"], rtol=1e-6)
+    np.testing.assert_allclose(terms["loss"], terms["content"] + terms["style"] + terms["tv"],
+                               rtol=1e-6)
 
 
 def test_zero_layer_weight_switches_a_layer_off(params, tubingen, starry):
@@ -140,7 +143,8 @@ def test_gradients_match_finite_differences(params):
         style = rng.uniform(0, 255, (8, 8, 3))
         obj = Objective(("relu2_1",), ("relu1_1", "relu2_1"), pooling="avg")
         t = compute_targets(p64, obj, content, [style])
-        w = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), objective_weights(obj, 1e-3, 1.0, 1e-2))
+        w = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                         objective_weights(obj, 1e-3, 1.0, 1e-2))
         x0 = jnp.asarray(rng.uniform(20, 235, (8, 8, 3)))
         check_grads(lambda x: loss_terms(p64, x, t, w, obj)["loss"], (x0,), order=1, modes=["rev"],
                     eps=1e-3, rtol=1e-4)

@@ -20,12 +20,13 @@ def _error(argv: list[str], capsys) -> str:
 
 def _run(image_dir: Path, workdir: Path) -> list[str]:
     return [f"--workdir={workdir}", f"--config.content={image_dir / 'tubingen.jpg'}",
-            f"--config.style={image_dir / 'starry_night.jpg'}", "--config.size=32", "--config.steps=1",
-            "--config.progress=False", "--config.style_layers=('relu1_1',)"]
+            f"--config.style={image_dir / 'starry_night.jpg'}", "--config.size=32",
+            "--config.steps=1", "--config.progress=False", "--config.style_layers=('relu1_1',)"]
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.stlye_weight=1", "unknown config field 'stlye_weight' (did you mean \"style_weight\"?)"),
+    ("--config.stlye_weight=1",
+     "unknown config field 'stlye_weight' (did you mean \"style_weight\"?)"),
     ("--config.optimizer.nmae=adam",
      "unknown config field 'optimizer.nmae' (did you mean \"optimizer.name\"?)"),
 ])
@@ -41,15 +42,17 @@ def test_an_unusable_cache_directory_names_the_cache_and_its_variable(where, tmp
     monkeypatch.delenv("NSTJAX_WEIGHTS", raising=False)
     monkeypatch.setenv("NSTJAX_CACHE_DIR", str(cache))
     message = _error(_run(image_dir, tmp_path / "w"), capsys)
-    assert message.startswith(f"cannot use the weights cache directory {cache} (NSTJAX_CACHE_DIR): ")
+    assert message.startswith(f"cannot use the weights cache directory {cache} "
+                              "(NSTJAX_CACHE_DIR): ")
     assert "NSTJAX_WEIGHTS" in message
     assert not (tmp_path / "w").exists()  # the refused run leaves no workdir
 
 
 def test_layers_joined_by_commas_are_refused_with_the_tuple_syntax(capsys):
     message = _error(["--workdir=w", "--config.style_layers=relu1_1,relu2_1"], capsys)
-    assert message == ("style_layers: 'relu1_1,relu2_1' is one name with commas in it; give several "
-                       "layers as a tuple: --config.style_layers=\"('relu1_1', 'relu2_1')\"")
+    assert message == ("style_layers: 'relu1_1,relu2_1' is one name with commas in it; give "
+                       "several layers as a tuple: --config.style_layers=\"('relu1_1', "
+                       "'relu2_1')\"")
 
 
 def test_a_layer_named_twice_is_refused_rather_than_logged_at_half_its_term():
@@ -69,7 +72,8 @@ def test_symbolic_links_that_lead_nowhere_say_so(tmp_path):
     os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
     with pytest.raises(ImageError, match="a: a loop of symbolic links, not an image file"):
         load_pil(tmp_path / "a")
-    with pytest.raises(ImageError, match="dangling.jpg: a symbolic link to .*gone.jpg, which does not exist"):
+    with pytest.raises(ImageError,
+                       match="dangling.jpg: a symbolic link to .*gone.jpg, which does not exist"):
         load_pil(tmp_path / "dangling.jpg")
 
 
@@ -85,4 +89,5 @@ def test_a_weights_file_that_is_a_symlink_loop_says_so(tmp_path):
 
 def test_a_directory_given_as_config_says_it_is_one(tmp_path, capsys):
     message = _error(["--workdir=w", f"--config={tmp_path}"], capsys)
-    assert message == f"config file {tmp_path} is a directory, not a Python file defining get_config()"
+    assert message == (f"config file {tmp_path} is a directory, not a Python file defining "
+                       "get_config()")

@@ -69,8 +69,8 @@ def _launch(config: Path, workdir: Path, other: Path, timeout: int = 60) -> list
     directory it must never create: only process 0 writes)."""
     port = _free_port()
     return [subprocess.Popen(
-        _command(config, w, f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-                 f"--init_timeout={timeout}"),
+        _command(config, w, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}", f"--init_timeout={timeout}"),
         cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i, w in enumerate((workdir, other))]
 
@@ -93,11 +93,13 @@ def _summary(workdir: Path) -> list[dict]:
 
 
 def _finals(workdir: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(Image.open(p / "final.png")) for p in sorted((workdir / "points").iterdir())}
+    return {p.name: np.asarray(Image.open(p / "final.png"))
+            for p in sorted((workdir / "points").iterdir())}
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, image_dir, weights) -> Path:  # weights: fetched once, before any launch
+# weights: fetched once, before any launch
+def config(tmp_path_factory, image_dir, weights) -> Path:
     path = tmp_path_factory.mktemp("multihost") / "sweep.py"
     path.write_text(CONFIG.format(content=str(image_dir / "tubingen.jpg"),
                                   style=str(image_dir / "starry_night.jpg")))
@@ -142,15 +144,18 @@ def test_launch_flags_are_checked_before_anything_starts():
     (("--coordinator=127.0.0.1:{port}", "--num_processes=2", "--process_id=1", "--init_timeout=3"),
      "process 1 of 2 could not meet the others at 127.0.0.1:{port}: no answer within 3 s"),
     (("--coordinator=127.0.0.1:{port}", "--num_processes=2", "--process_id=0", "--init_timeout=3"),
-     "process 0 of 2 could not meet the others at 127.0.0.1:{port}: process 1 did not arrive within 3 s"),
+     ("process 0 of 2 could not meet the others at 127.0.0.1:{port}: process 1 did not arrive "
+      "within 3 s")),
 ])
-def test_a_launch_mistake_is_one_line_and_exit_2_within_its_timeout(config, tmp_path, flags, message):
+def test_a_launch_mistake_is_one_line_and_exit_2_within_its_timeout(config, tmp_path, flags,
+                                                                    message):
     """Bad flags fail before JAX starts; a coordinator nobody runs (process 1), or a process 1 that
     never comes (process 0), fail when --init_timeout runs out, not after JAX's 5 minutes."""
     port = _free_port()  # nothing listens there
     t0 = time.time()
     r = subprocess.run(_command(config, tmp_path / "w", *(f.format(port=port) for f in flags)),
-                       cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=120, check=False)
+                       cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=120,
+                       check=False)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("nstjax: error: "), r.stderr[-2000:]
     assert message.format(port=port) in r.stderr
@@ -177,7 +182,8 @@ def test_two_processes_write_what_one_process_writes(runs):
     rec = json.loads((multi / "sweep.json").read_text())
     assert rec["devices"] == 4 and rec["processes"] == 2
     same = [c for c in _summary(multi)[0] if c != "seconds"]
-    assert [[r[c] for c in same] for r in _summary(multi)] == [[r[c] for c in same] for r in _summary(one2)]
+    assert ([[r[c] for c in same] for r in _summary(multi)]
+            == [[r[c] for c in same] for r in _summary(one2)])
     ref, got = _finals(one2), _finals(multi)
     assert ref.keys() == got.keys() and len(got) == 8
     for name in ref:
@@ -191,7 +197,8 @@ def test_two_processes_write_what_one_process_writes(runs):
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-3), a["index"]
         for k in LOSSES[1:]:
             assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-2, abs=1e-6), (a["index"], k)
-        lines = [[json.loads(x) for x in (w / a["dir"] / "metrics.jsonl").open()] for w in (one, multi)]
+        lines = [[json.loads(x) for x in (w / a["dir"] / "metrics.jsonl").open()]
+                 for w in (one, multi)]
         assert [m["step"] for m in lines[0]] == [m["step"] for m in lines[1]] == [0, 2, 4]
         assert lines[1][0]["loss"] == lines[0][0]["loss"], a["index"]  # the same targets and start
     ref = _finals(one)
@@ -199,15 +206,16 @@ def test_two_processes_write_what_one_process_writes(runs):
         assert np.abs(got[name].astype(int) - ref[name]).max() <= 2, name
 
 
-def test_a_process_killed_mid_batch_ends_the_other_in_one_line_and_the_relaunch_finishes(runs, config,
-                                                                                        tmp_path):
+def test_a_process_killed_mid_batch_ends_the_other_in_one_line_and_the_relaunch_finishes(
+        runs, config, tmp_path):
     """SIGKILL process 1 once the first chunk's points have their step-2 checkpoints: process 0
     ends within 60 s with one line naming it, exit 2; the same launch again resumes from the
     checkpoints and ends with the final images of the uninterrupted 2-process run, bit for bit."""
     base, _ = runs
     workdir = tmp_path / "w"
     procs = _launch(config, workdir, tmp_path / "process1")
-    first = [workdir / "points" / d for d in sorted(p.name for p in (base / "two" / "points").iterdir())[:4]]
+    first = [workdir / "points" / d
+             for d in sorted(p.name for p in (base / "two" / "points").iterdir())[:4]]
     deadline = time.time() + 600
     while not all((d / "checkpoints" / "2" / "nstjax_files.json").is_file() for d in first):
         assert procs[0].poll() is None and procs[1].poll() is None, _wait(procs)
@@ -223,7 +231,8 @@ def test_a_process_killed_mid_batch_ends_the_other_in_one_line_and_the_relaunch_
     waited = time.time() - t_kill
     procs[1].wait()
     assert procs[0].returncode == 2, err[-3000:]
-    assert err.count("\n") == 1 and err.startswith("nstjax: error: lost process 1 of 2 ("), err[-3000:]
+    assert (err.count("\n") == 1
+            and err.startswith("nstjax: error: lost process 1 of 2 (")), err[-3000:]
     assert "run the same launch again" in err
     done = sum((workdir / "points" / d.name / "manifest.json").is_file() for d in first)
     assert not (workdir / "summary.csv").exists(), "the kill came after the sweep finished"

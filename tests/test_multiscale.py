@@ -96,7 +96,8 @@ def test_a_multiscale_run_logs_each_stage_and_ends_at_full_size(reference):
 def _check_boundary_steps(recs: list[dict], manifest: dict) -> None:
     """The documented invariant of a multi-scale metrics.jsonl: step = the stage's first_step +
     stage_step; (step, stage) strictly increases; a step repeats only at a stage boundary, as the
-    stage's last line (its result, stage_step = its steps) and the next stage's first (stage_step 0)."""
+    stage's last line (its result, stage_step = its steps) and the next stage's first
+    (stage_step 0)."""
     first = {s["stage"]: s["first_step"] for s in manifest["stages"]}
     steps = {s["stage"]: s["steps"] for s in manifest["stages"]}
     assert all(r["step"] == first[r["stage"]] + r["stage_step"] for r in recs)
@@ -104,7 +105,8 @@ def _check_boundary_steps(recs: list[dict], manifest: dict) -> None:
     assert all(a < b for a, b in itertools.pairwise(keys)), keys
     for a, b in itertools.pairwise(recs):
         if a["step"] == b["step"]:
-            assert b["stage"] == a["stage"] + 1 and a["stage_step"] == steps[a["stage"]] and b["stage_step"] == 0
+            assert (b["stage"] == a["stage"] + 1 and a["stage_step"] == steps[a["stage"]]
+                    and b["stage_step"] == 0)
             assert a["size"] != b["size"] and a["loss"] != b["loss"]  # two evaluations, both kept
     one_per_step = [r["step"] for r in recs if r["stage_step"] > 0 or r["stage"] == 0]
     assert len(set(one_per_step)) == len(one_per_step)
@@ -120,21 +122,24 @@ def test_a_stage_boundary_logs_the_result_and_its_upsampled_start_under_one_step
     assert [r["step"] for r in recs] == list(range(7)) + list(range(6, 13))
 
 
-def test_the_coarse_stage_gives_the_fine_stage_a_better_start(reference, image_dir, weights, tmp_path):
-    """The upsampled coarse result starts the full-size stage below where the content photo starts."""
+def test_the_coarse_stage_gives_the_fine_stage_a_better_start(reference, image_dir, weights,
+                                                              tmp_path):
+    """The upsampled coarse result starts the full-size stage below where the content photo
+    starts."""
     workdir, _ = reference
     recs = records.read_metrics(workdir / "metrics.jsonl")
     fine_start = next(r for r in recs if r["stage"] == 1)["loss"]
     params, info = weights
-    single = run(_cfg(image_dir, scales=(), scale_steps=(), steps=1), tmp_path / "single", params=params,
-                 weights_info=info, handle_signals=False, log=lambda m: None)
+    single = run(_cfg(image_dir, scales=(), scale_steps=(), steps=1), tmp_path / "single",
+                 params=params, weights_info=info, handle_signals=False, log=lambda m: None)
     photo_start = records.read_metrics(tmp_path / "single" / "metrics.jsonl")[0]["loss"]
     assert single["steps_done"] == 1
     assert fine_start < 0.75 * photo_start
 
 
 def _killed_copy(reference: Path, dest: Path, keep_stage1: list[int] | None) -> Path:
-    """The workdir as a SIGKILL would leave it: no final.png or manifest, checkpoints up to a point."""
+    """The workdir as a SIGKILL would leave it: no final.png or manifest, checkpoints up to a
+    point."""
     shutil.copytree(reference, dest)
     (dest / "final.png").unlink()
     (dest / "manifest.json").unlink()
@@ -149,7 +154,8 @@ def _killed_copy(reference: Path, dest: Path, keep_stage1: list[int] | None) -> 
 
 
 @pytest.mark.parametrize("keep_stage1, from_step", [(None, 6), ([2], 8)])
-def test_resume_across_and_within_stages_is_bit_identical(reference, weights, tmp_path, keep_stage1, from_step):
+def test_resume_across_and_within_stages_is_bit_identical(reference, weights, tmp_path, keep_stage1,
+                                                          from_step):
     ref, _ = reference
     workdir = _killed_copy(ref, tmp_path / "killed", keep_stage1)
     params, info = weights
@@ -158,7 +164,8 @@ def test_resume_across_and_within_stages_is_bit_identical(reference, weights, tm
     summary = run(config_lib.get_config().__class__(c), workdir, params=params, weights_info=info,
                   handle_signals=False, log=msgs.append)
     assert summary["resumed_from"] == from_step, msgs
-    assert any(f"from its checkpoint at step {from_step} of 12 (stage 2 of 2" in m for m in msgs), msgs
+    assert any(f"from its checkpoint at step {from_step} of 12 (stage 2 of 2" in m
+               for m in msgs), msgs
     assert (workdir / "final.png").read_bytes() == (ref / "final.png").read_bytes()
     ref_losses = [(r["step"], r["stage"], r["stage_step"], r["loss"])
                   for r in records.read_metrics(ref / "metrics.jsonl")]
@@ -166,11 +173,13 @@ def test_resume_across_and_within_stages_is_bit_identical(reference, weights, tm
     got = [(r["step"], r["stage"], r["stage_step"], r["loss"]) for r in recs]
     assert got == ref_losses
     manifest, ref_manifest = (json.loads((w / "manifest.json").read_text()) for w in (workdir, ref))
-    assert manifest["stages"] == ref_manifest["stages"]  # every stage, not only those run after the resume
+    # every stage, not only those run after the resume
+    assert manifest["stages"] == ref_manifest["stages"]
     _check_boundary_steps(recs, manifest)
 
 
-def test_a_stage_logs_its_last_line_before_checkpointing_its_last_step(image_dir, weights, tmp_path, monkeypatch):
+def test_a_stage_logs_its_last_line_before_checkpointing_its_last_step(image_dir, weights, tmp_path,
+                                                                       monkeypatch):
     """A resume takes a coarse stage whose checkpoint is at its last step as finished and does not
     log that stage again, so the stage's last metrics line must be on disk before that checkpoint:
     a kill between the two would otherwise lose the line for good. Stage 0 has 6 steps and

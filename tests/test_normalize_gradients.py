@@ -1,6 +1,6 @@
-"""normalize_gradients (jcjohnson/neural-style's -normalize_gradients): each weighted term's gradient
-with respect to its input (its layer's activations; the image for TV) has L1 norm equal to its
-weight, the loss values do not change, off changes nothing, and a sweep over it is one program.
+"""normalize_gradients (jcjohnson/neural-style's -normalize_gradients): each weighted term's
+gradient with respect to its input (its layer's activations; the image for TV) has L1 norm equal to
+its weight, the loss values do not change, off changes nothing, and a sweep over it is one program.
 Small: 64 px, real VGG-19 weights and images, 6 optimiser steps."""
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def _l1(a) -> float:
 
 
 @pytest.mark.parametrize("kind,layer", TERMS)
-def test_each_weighted_terms_gradient_wrt_its_layer_has_l1_norm_equal_to_its_weight(setup, kind, layer):
+def test_each_weighted_terms_gradient_wrt_its_layer_has_l1_norm_equal_to_its_weight(
+        setup, kind, layer):
     w = weights_for(True)
     g = _term_grad(setup, kind, layer, w)
     assert _l1(g) == pytest.approx(term_weight(w, kind, layer), rel=1e-4)
@@ -99,8 +100,8 @@ def test_with_normalised_gradients_the_loss_normalisations_no_longer_matter(setu
     scale = np.abs(np.asarray(a)).max()
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale)
     plain = weights_for(False)  # without it they do: by orders of magnitude
-    ratio = _l1(jax.grad(lambda f: TERM_FN[kind](f, layer, targets, plain, other))(feats[layer])) / \
-        _l1(_term_grad(setup, kind, layer, plain))
+    ratio = _l1(jax.grad(lambda f: TERM_FN[kind](f, layer, targets, plain, other))(feats[layer])) \
+        / _l1(_term_grad(setup, kind, layer, plain))
     assert not 0.5 < ratio < 2.0, ratio
 
 
@@ -110,7 +111,8 @@ def test_the_tv_terms_gradient_wrt_the_image_has_l1_norm_equal_to_tv_weight(setu
     g = jax.grad(lambda im: tv_term(im, w, OBJ))(x)
     assert _l1(g) == pytest.approx(0.5, rel=1e-4)
     off = jax.grad(lambda im: tv_term(im, weights_for(False), OBJ))(x)
-    np.testing.assert_allclose(off, jax.grad(lambda im: 0.5 * tv_loss(im, OBJ.tv_kind))(x), rtol=1e-6)
+    np.testing.assert_allclose(off, jax.grad(lambda im: 0.5 * tv_loss(im, OBJ.tv_kind))(x),
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind,layer", TERMS)
@@ -163,7 +165,8 @@ def test_under_vmap_each_example_is_normalised_on_its_own(setup, params, starry)
         gs = jax.vmap(jax.grad(lambda f, w, term=term: term(f, weights=w)))(fs, ws)
         assert _l1(gs[0]) == pytest.approx(term_weight(w_on, kind, layer), rel=1e-4), (kind, layer)
         alone = jax.grad(lambda f, term=term: term(f, weights=w_off))(other[layer])
-        np.testing.assert_allclose(gs[1], alone, rtol=1e-5, atol=1e-7 * np.abs(np.asarray(alone)).max())
+        np.testing.assert_allclose(gs[1], alone, rtol=1e-5,
+                                   atol=1e-7 * np.abs(np.asarray(alone)).max())
     # Through VGG-19's own custom VJPs (packed ReLU masks) too: each image's gradient is the one it
     # gets alone.
     xs = jnp.stack([x, y])
@@ -174,7 +177,8 @@ def test_under_vmap_each_example_is_normalised_on_its_own(setup, params, starry)
     gs = jax.vmap(jax.grad(loss))(xs, ws)
     for i, w in enumerate((w_on, w_off)):
         alone = jax.grad(loss)(xs[i], w)
-        np.testing.assert_allclose(gs[i], alone, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(alone)).max())
+        np.testing.assert_allclose(gs[i], alone, rtol=1e-4,
+                                   atol=1e-5 * np.abs(np.asarray(alone)).max())
 
 
 def test_a_batch_normalises_each_example_bit_for_bit_as_alone():
@@ -248,13 +252,15 @@ def test_a_short_lbfgs_run_from_noise_lowers_the_loss_with_and_without_normalisa
     workdir, out, _ = swept
     point = out["sweep"].points[index]
     assert point.values["normalize_gradients"] is bool(index)
-    lines = [json.loads(s) for s in (workdir / "points" / point.name / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(s)
+             for s in (workdir / "points" / point.name / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 3, 6]
     assert lines[-1]["loss"] < 0.5 * lines[0]["loss"], lines
 
 
 def test_adam_from_the_content_lowers_the_loss_with_normalised_gradients(setup, tubingen):
-    """Adam, invariant to the gradient's scale, needs no curvature estimate: steady from the start."""
+    """Adam, invariant to the gradient's scale, needs no curvature estimate: steady from the
+    start."""
     params, targets, _, _ = setup
     spec = OptimizerSpec("adam", 5.0)
     x = init_image("content", jax.random.PRNGKey(0), tubingen)

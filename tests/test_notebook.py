@@ -32,9 +32,11 @@ def test_the_readme_example_runs_on_arrays_and_lowers_the_loss(image_dir, tmp_pa
     assert len([line for line in code.splitlines() if line.strip()]) == 3, code
     assert "size=384, steps=200" in code
     scope: dict = {}
-    exec(code.replace("size=384, steps=200", "size=64, steps=8"), scope)  # noqa: S102 - the README's own lines
+    # the README's own lines
+    exec(code.replace("size=384, steps=200", "size=64, steps=8"), scope)  # noqa: S102 - README code
     image = scope["image"]
-    assert isinstance(image, np.ndarray) and image.dtype == np.float32 and image.shape == (48, 64, 3)
+    assert (isinstance(image, np.ndarray) and image.dtype == np.float32
+            and image.shape == (48, 64, 3))
     assert 0.0 <= image.min() and image.max() <= 255.0
     photo, painting = scope["load_image"]("photo.jpg"), scope["load_image"]("painting.jpg")
     again, terms = nstjax.stylize(photo, painting, size=64, steps=8, return_terms=True)
@@ -67,7 +69,8 @@ def test_a_second_call_of_the_same_shapes_compiles_nothing(image_dir):
 ])
 def test_bad_input_raises_the_one_line_user_error(image_dir, kwargs, message):
     with pytest.raises(UserError) as e:
-        nstjax.stylize(image_dir / "tubingen.jpg", image_dir / "starry_night.jpg", steps=1, **kwargs)
+        nstjax.stylize(image_dir / "tubingen.jpg", image_dir / "starry_night.jpg", steps=1,
+                       **kwargs)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -95,7 +98,8 @@ def test_stylize_sweep_returns_every_points_image_and_row(image_dir):
     photo = load_image(image_dir / "tubingen.jpg", 64)
     paintings = [load_image(image_dir / n, 64) for n in ("starry_night.jpg", "shipwreck.jpg")]
     out = nstjax.stylize_sweep({"size": 32, "steps": 2, "style_layers": ("relu1_1", "relu2_1")},
-                               content=photo, axes=[("style", paintings), ("style_weight", (1e2, 1e3))])
+                               content=photo,
+                               axes=[("style", paintings), ("style_weight", (1e2, 1e3))])
     assert out["images"].shape == (4, 24, 32, 3) and out["images"].dtype == np.float32
     assert [r["index"] for r in out["rows"]] == [0.0, 1.0, 2.0, 3.0]
     assert all(r["status"] == "finished" and r["loss"] > 0 for r in out["rows"])

@@ -22,7 +22,8 @@ def problem(params, tubingen, starry):
     return params, targets, weights
 
 
-@pytest.mark.parametrize("name,lr,steps", [("lbfgs", 1.0, 10), ("adam", 8.0, 10), ("lbfgs_zoom", 1.0, 3)])
+@pytest.mark.parametrize("name,lr,steps",
+                         [("lbfgs", 1.0, 10), ("adam", 8.0, 10), ("lbfgs_zoom", 1.0, 3)])
 def test_optimisers_lower_the_loss(problem, tubingen, name, lr, steps):
     params, targets, weights = problem
     spec = OptimizerSpec(name, lr)
@@ -61,7 +62,8 @@ def test_noise_init_is_seeded(tubingen):
     assert not np.array_equal(a, c)
     assert a.shape == tubingen.shape and 0 <= float(a.min()) and float(a.max()) <= 255
     np.testing.assert_array_equal(init_image("content", None, tubingen), tubingen)
-    assert init_image("style", None, tubingen, np.zeros((10, 20, 3), np.float32)).shape == tubingen.shape
+    assert (init_image("style", None, tubingen, np.zeros((10, 20, 3), np.float32)).shape
+            == tubingen.shape)
     with pytest.raises(ConfigError):
         init_image("sparkles", None, tubingen)
 

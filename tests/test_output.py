@@ -1,4 +1,5 @@
-"""--output=FILE: the final image once more, in the format its extension names (nstjax/output.py)."""
+"""--output=FILE: the final image once more, in the format its extension names
+(nstjax/output.py)."""
 
 from __future__ import annotations
 
@@ -164,7 +165,8 @@ def test_no_profile_is_read_from_images_without_an_rgb_one(tmp_path):
 # Paths and atomic writes
 
 
-def test_a_write_replaces_the_file_atomically_and_a_failed_one_leaves_it_alone(tmp_path, monkeypatch):
+def test_a_write_replaces_the_file_atomically_and_a_failed_one_leaves_it_alone(
+        tmp_path, monkeypatch):
     target = tmp_path / "o.jpg"
     output.save_output(target, _gradient())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jpg"]  # no temporary left
@@ -212,7 +214,8 @@ def test_the_output_may_not_be_an_input_image(tmp_path):
 # The config and the command
 
 
-@pytest.mark.parametrize("field, value", [("output", "out.bmpz"), ("output", 3), ("output_bits", 12),
+@pytest.mark.parametrize("field, value",
+                         [("output", "out.bmpz"), ("output", 3), ("output_bits", 12),
                                           ("output_bits", True), ("output_bits", 16)])
 def test_config_validation_refuses_a_bad_output_or_depth(field, value):
     d = {**base_config().to_dict(), "output": "out.jpg", field: value}  # a dict: any type
@@ -239,7 +242,8 @@ def _refusing_weights(monkeypatch):
 @pytest.mark.parametrize("name, message", [
     ("x.bmpz", "extension '.bmpz'"), ("afile/x.png", "not a directory"),
     ("/proc/nstjax/x.png", "cannot write output")])
-def test_a_bad_output_fails_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, name, message):
+def test_a_bad_output_fails_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, name,
+                                                        message):
     _refusing_weights(monkeypatch)
     (tmp_path / "afile").write_text("x")
     workdir = tmp_path / "run"
@@ -281,14 +285,16 @@ def test_a_read_only_directory_fails_in_one_line_before_any_work(read_only_dir, 
     code = main(["nstjax", f"--workdir={workdir}", f"--output={read_only_dir / 'sub' / 'o.tif'}",
                  "--config.size=64", "--config.steps=3", "--config.progress=False"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("nstjax: error: cannot write output") and err.count("\n") == 1
+    assert (code == 2 and err.startswith("nstjax: error: cannot write output")
+            and err.count("\n") == 1)
     assert not workdir.exists() and list(read_only_dir.iterdir()) == []
 
 
 def test_the_command_refuses_an_unknown_extension_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nstjax", f"--workdir={tmp_path / 'run'}",
-                        f"--output={tmp_path / 'x.bmpz'}"], capture_output=True, text=True, cwd=ROOT, check=False,
-                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                        f"--output={tmp_path / 'x.bmpz'}"], capture_output=True, text=True,
+                       cwd=ROOT, check=False, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2
     assert r.stderr.startswith("nstjax: error: output") and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "run").exists()

