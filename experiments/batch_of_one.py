@@ -23,8 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nstjax import images, optimize
 from nstjax.config import base_config, validate
-from nstjax.losses import compute_targets
 from nstjax.problem import point_weights
+from nstjax.targets import compute_targets
 from nstjax.weights import load_vgg19
 
 

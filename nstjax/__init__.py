@@ -25,8 +25,9 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _LAZY = {
-    **dict.fromkeys(("Objective", "compute_targets", "content_loss", "gram", "loss_terms",
-                     "objective_weights", "style_loss", "tv_loss"), "nstjax.losses"),
+    **dict.fromkeys(("Objective", "content_loss", "gram", "loss_terms", "objective_weights",
+                     "style_loss", "tv_loss"), "nstjax.losses"),
+    "compute_targets": "nstjax.targets",
     **dict.fromkeys(("OptimizerSpec", "init_image", "run_steps"), "nstjax.optimize"),
     **dict.fromkeys(("LAYERS", "features"), "nstjax.vgg"),
     **dict.fromkeys(("load_vgg19", "load_vgg19_with_info"), "nstjax.weights"),

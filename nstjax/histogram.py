@@ -21,10 +21,15 @@ activations, each image weighted by its blend weight).
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
 
+# Compiled as one program: eagerly its dozen operations each compile once per shape (the judge's
+# colour targets, two calls a run, took 2.3 s of a 64 px run's start-up that way).
+@partial(jax.jit, static_argnames=("q",))
 def weighted_quantiles(values: jax.Array, weights: jax.Array | None, q: int) -> jax.Array:
     """Quantile functions of the columns of ``values`` (N, C), sampled at (r + 1/2) / q.
 

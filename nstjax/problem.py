@@ -25,9 +25,10 @@ from nstjax.config import RunSpec, chunk_length
 from nstjax.errors import UserError
 from nstjax.judge import color_quantiles as judge_color_quantiles
 from nstjax.judge import objective as judge_objective
-from nstjax.losses import Objective, compute_targets, objective_weights
+from nstjax.losses import Objective, objective_weights
 from nstjax.network import load_network
 from nstjax.optimize import INITS, init_image
+from nstjax.targets import compute_targets
 from nstjax.weights import WeightsInfo
 
 

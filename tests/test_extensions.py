@@ -23,10 +23,11 @@ from nstjax import color, features, histogram, masks, stats
 from nstjax.batch import optimise_problem
 from nstjax.config import base_config, validate
 from nstjax.errors import ConfigError, ImageError
-from nstjax.losses import Objective, compute_targets, loss_terms, objective_weights
+from nstjax.losses import Objective, loss_terms, objective_weights
 from nstjax.optimize import OptimizerSpec, init_image, run_steps
 from nstjax.problem import load_problem
 from nstjax.run import run
+from nstjax.targets import compute_targets
 
 RNG = np.random.default_rng(7)
 L5 = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")

@@ -12,7 +12,6 @@ from nstjax import features
 from nstjax.errors import ConfigError
 from nstjax.losses import (
     Objective,
-    compute_targets,
     content_loss,
     gram,
     loss_terms,
@@ -21,6 +20,7 @@ from nstjax.losses import (
     style_target,
     tv_loss,
 )
+from nstjax.targets import compute_targets
 
 RNG = np.random.default_rng(42)
 

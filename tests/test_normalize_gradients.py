@@ -20,7 +20,6 @@ from nstjax.config import base_config, validate
 from nstjax.errors import ConfigError
 from nstjax.losses import (
     Objective,
-    compute_targets,
     content_loss,
     content_term,
     hist_term,
@@ -36,6 +35,7 @@ from nstjax.optimize import OptimizerSpec, init_image, run_steps
 from nstjax.problem import point_weights
 from nstjax.run import run_sweep
 from nstjax.sweep import TRACED_FIELDS, expand
+from nstjax.targets import compute_targets
 from tests.test_sweep import _Compiles
 
 # relu2_1 is both a style and a histogram layer, relu2_2 a content layer: terms that share a

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from nstjax.errors import ConfigError
-from nstjax.losses import Objective, compute_targets, objective_weights
+from nstjax.losses import Objective, objective_weights
 from nstjax.optimize import OptimizerSpec, init_image, run_steps
+from nstjax.targets import compute_targets
 
 OBJ = Objective(("relu4_2",), ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
                 content_norm="mean", gram_norm="chw")

@@ -12,8 +12,9 @@ import pytest
 from nstjax.config import STYLE_LAYERS_5, base_config, validate
 from nstjax.errors import ConfigError
 from nstjax.images import load_image
-from nstjax.losses import Objective, compute_targets
+from nstjax.losses import Objective
 from nstjax.problem import load_problem
+from nstjax.targets import compute_targets
 
 FINE_FROM_0 = {"relu1_1": 0, "relu2_1": 0, "relu3_1": 1, "relu4_1": 1, "relu5_1": 1}
 
