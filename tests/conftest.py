@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,36 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IMAGES = ROOT.parent / "shared" / "images"
 
-# The command line turns on JAX's persistent compilation cache for the whole process; tests that
-# call it in-process would then share compiled programs through the disk with every later test.
-# Off here; tests/test_cli.py tests the cache in processes of its own.
-os.environ["NSTJAX_COMPILE_CACHE"] = "0"
+# The command lines that tests start in processes of their own share one persistent compilation
+# cache, new for each session, as a user's runs share theirs: a resume, a relaunch or a replay
+# then loads the chunk its first run compiled (2-7 s each at 64 px) instead of compiling it again.
+# The pytest process itself keeps it off (_no_compile_cache_in_process): jax's cache setting is
+# global, and tests that inspect compiled programs want them compiled here.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="nstjax-tests-xla-")
+os.environ["NSTJAX_COMPILE_CACHE"] = "1"
+os.environ["NSTJAX_COMPILE_CACHE_DIR"] = _COMPILE_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_cache_in_process(monkeypatch, request):
+    """The command line called in-process (``nstjax.cli.main``) leaves the cache off; tests of the
+    cache itself ask for ``real_compile_cache``."""
+    if "real_compile_cache" not in request.fixturenames:
+        from nstjax import compile_cache
+
+        monkeypatch.setattr(compile_cache, "enable", lambda: None)
+
+
+@pytest.fixture
+def real_compile_cache():
+    """:mod:`nstjax.compile_cache` unpatched (see ``_no_compile_cache_in_process``)."""
+    from nstjax import compile_cache
+
+    return compile_cache
 
 
 @pytest.fixture(autouse=True)

@@ -72,9 +72,8 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache_with_identic
 
 
 def test_the_compilation_cache_can_be_turned_off_and_falls_back_when_unusable(
-        tmp_path, monkeypatch):
-    from nstjax import compile_cache
-
+        tmp_path, monkeypatch, real_compile_cache):
+    compile_cache = real_compile_cache
     monkeypatch.setenv("NSTJAX_COMPILE_CACHE", "0")
     assert compile_cache.directory() is None and compile_cache.enable() is None
     monkeypatch.setenv("NSTJAX_COMPILE_CACHE", "1")
