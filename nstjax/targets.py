@@ -3,9 +3,10 @@ images' statistics, computed once per run (:func:`compute_targets`).
 
 The inputs are checked in Python (shapes, counts, the blend), and the activations and statistics
 are then one compiled program per objective and image shapes, not a few hundred single operations:
-run eagerly, each operation compiles once per shape, about 2 s of a 64 px run's start-up (the
-targets and the judge's, 40 programs; ``experiments/startup.py``), and the passes peak at about
-twice the memory of the compiled program. The blend's fractions are traced, so a sweep over
+run eagerly, each operation compiled a program of its own for each new shape (with the judge's
+colour quantiles, 111 of the 122 programs a 64 px run compiled; one program each, the run takes
+0.93x the time, ``experiments/startup.py``), and a network pass run operation by operation peaks
+at about twice the memory of the compiled one. The blend's fractions are traced, so a sweep over
 ``style_blend`` compiles the targets once.
 """
 
