@@ -124,7 +124,7 @@ def _compute(params, content, styles, style_masks, content_masks, fractions, *, 
     control's (layer, image) pairs."""
     targets = {"content": {}, "style": {}}
     if obj.content_layers:
-        feats = _features(params, content, obj.content_layers, obj)
+        feats = vgg.features(params, content, obj.content_layers, obj.pooling, obj.precision)
         targets["content"] = {l: feats[l][0] for l in obj.content_layers}
     styled = tuple(sorted(set(obj.style_layers) | set(obj.hist_layers),
                           key=vgg.LAYER_INDEX.__getitem__))
@@ -134,7 +134,7 @@ def _compute(params, content, styles, style_masks, content_masks, fractions, *, 
     # Each style image's activations (M, C) and position weights (M,), summing to 1.
     per_style = []
     for img, smask in zip(styles, style_masks):
-        feats = _features(params, img, styled, obj)
+        feats = vgg.features(params, img, styled, obj.pooling, obj.precision)
         acts = {}
         for l in styled:
             f = feats[l][0]
@@ -174,12 +174,6 @@ def _compute(params, content, styles, style_masks, content_masks, fractions, *, 
         targets["masks"] = {l: jnp.stack([masks.layer_mask(m, l) for m in content_masks])
                             for l in styled}
     return targets
-
-
-def _features(params, image, layers, obj: Objective) -> dict:
-    """``vgg.features`` inside the targets' program (layers in network order, a batch of one)."""
-    layers = tuple(sorted(set(layers), key=vgg.LAYER_INDEX.__getitem__))
-    return vgg.apply_features(params, image[None], layers, obj.pooling, obj.precision)
 
 
 def _style_statistic(obj: Objective, acts: Sequence, fractions: Sequence):
